@@ -1,0 +1,174 @@
+"""Delta commands: ``delta``, ``delta inspect``, ``to-peft``, ``from-peft``, ``merge``, ``keygen``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+PATH = click.Path(path_type=Path)
+
+
+def _bundle_adapter(bundle: Path, state_dir: Path | None):
+    from edgetune.bundle import read_manifest
+    from edgetune.runtime.adapter_source import latest_adapter
+
+    manifest = read_manifest(bundle)
+    return manifest, latest_adapter(bundle, manifest, state_dir)
+
+
+def _by_peft(manifest, tensors: dict) -> dict:
+    return {t.peft_key: tensors[t.graph_name] for t in manifest.trainable}
+
+
+def _by_graph(manifest, tensors: dict) -> dict:
+    return {t.graph_name: tensors[t.peft_key] for t in manifest.trainable}
+
+
+def _read_for_bundle(path: Path, manifest, since: Path | None, trusted: tuple[Path, ...]):
+    """Read ``path``, check it fits the bundle, and return full adapter tensors by PEFT key."""
+    from edgetune.delta import apply_diff, check_compatible, load_public_keys, read_delta
+    from edgetune.errors import DeltaError
+
+    keys = load_public_keys(list(trusted)) if trusted else None
+    delta = read_delta(path, trusted_keys=keys, require_signature=bool(trusted))
+    check_compatible(delta, base_model_sha256=manifest.base_sha256, method=_method(manifest),
+                     expected_shapes=manifest.trainable_shapes())
+    if delta.kind == "diff":
+        if since is None:
+            raise DeltaError(f"{path} is a difference from delta {delta.since_sha256[:16]}…; pass --since with that delta.")
+        reference = read_delta(since)
+        if reference.sha256 != delta.since_sha256:
+            raise DeltaError(f"--since {since} has checksum {reference.sha256[:16]}…, but {path} was made against "
+                             f"{delta.since_sha256[:16]}…; give the delta it was made against.")
+        return delta, apply_diff(reference.tensors, delta.tensors)
+    return delta, delta.tensors
+
+
+def _method(manifest) -> dict:
+    return {"name": manifest.method["name"], "config": manifest.method["config"]}
+
+
+@click.group(invoke_without_command=True, context_settings={"ignore_unknown_options": False})
+@click.argument("bundle", type=PATH, required=False)
+@click.option("--out", type=PATH, help="Delta file to write (e.g. update.etd).")
+@click.option("--codec", type=click.Choice(["fp16", "int8", "fp32"]), default="fp16", show_default=True)
+@click.option("--since", type=PATH, default=None, help="Ship the difference from this delta (the round's global adapter).")
+@click.option("--sign", "sign_key", type=PATH, default=None, help="Ed25519 private key from `edgetune keygen`.")
+@click.option("--round", "round_id", default=None, help="Round id recorded in the delta.")
+@click.option("--state-dir", type=PATH, default=None, help="Training state folder (default: BUNDLE/train-state).")
+@click.pass_context
+def delta(ctx, bundle, out, codec, since, sign_key, round_id, state_dir):
+    """Write the trained adapter of BUNDLE as a compact, verifiable delta file.
+
+    \b
+    edgetune delta BUNDLE --out update.etd [--codec fp16|int8|fp32] [--since global.etd] [--sign device.key]
+    edgetune delta inspect update.etd
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if bundle is None or out is None:
+        raise click.UsageError("give BUNDLE and --out, e.g. `edgetune delta bundle --out update.etd`.")
+    from edgetune.delta import diff, load_private_key, read_delta, write_delta
+
+    manifest, adapter = _bundle_adapter(bundle, state_dir)
+    tensors = _by_peft(manifest, adapter.tensors)
+    kind, since_sha = "full", None
+    if since is not None:
+        reference = read_delta(since)
+        from edgetune.delta import check_compatible
+
+        check_compatible(reference, base_model_sha256=manifest.base_sha256, method=_method(manifest),
+                         expected_shapes=manifest.trainable_shapes())
+        tensors, kind, since_sha = diff(tensors, reference.tensors), "diff", reference.sha256
+    trainer = adapter.trainer or {}
+    metrics = {"loss": trainer["last_loss"]} if trainer.get("last_loss") is not None else {}
+    write_delta(out, tensors, base_model_sha256=manifest.base_sha256, method=_method(manifest), codec=codec,
+                kind=kind, since_sha256=since_sha, num_examples=int(trainer.get("num_examples", 0)),
+                round_id=round_id, metrics=metrics, signing_key=load_private_key(sign_key) if sign_key else None)
+    written = read_delta(out)
+    click.echo(f"wrote {out}: {kind} delta, {codec}, {out.stat().st_size:,} bytes, adapter: {adapter.origin}"
+               + (f", signed by {written.signer_fingerprint}" if sign_key else ""))
+
+
+@delta.command(name="inspect")
+@click.argument("path", type=PATH)
+@click.option("--trusted-key", "trusted", type=PATH, multiple=True, help="Public key(s) a signature must come from.")
+@click.option("--json", "as_json", is_flag=True)
+def delta_inspect(path, trusted, as_json):
+    """Show a delta's base hash, method, tensors, sizes, errors, metrics and signature status."""
+    from edgetune.delta import describe, load_public_keys, read_delta
+
+    delta_ = read_delta(path, trusted_keys=load_public_keys(list(trusted)) if trusted else None,
+                        require_signature=bool(trusted))
+    info = describe(delta_, path)
+    click.echo(json.dumps(info, indent=2) if as_json else info["text"])
+
+
+@click.command(name="to-peft")
+@click.argument("delta_path", metavar="DELTA", type=PATH)
+@click.option("--bundle", type=PATH, required=True, help="The bundle the delta was trained on.")
+@click.option("--out", type=PATH, required=True, help="PEFT adapter folder to write.")
+@click.option("--since", type=PATH, default=None, help="The delta a difference delta was made against.")
+@click.option("--trusted-key", "trusted", type=PATH, multiple=True, help="Require a signature by one of these keys.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def to_peft(delta_path, bundle, out, since, trusted, force):
+    """Convert DELTA into a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    from edgetune.bundle import read_manifest
+    from edgetune.peft_io import write_peft_adapter
+
+    manifest = read_manifest(bundle)
+    _, tensors = _read_for_bundle(delta_path, manifest, since, trusted)
+    write_peft_adapter(out, manifest, tensors, force=force)
+    click.echo(f"wrote {out}: load with peft.PeftModel.from_pretrained(base_model, {str(out)!r})")
+
+
+@click.command(name="from-peft")
+@click.argument("folder", type=PATH)
+@click.option("--bundle", type=PATH, required=True, help="Bundle whose training state starts from this adapter.")
+@click.option("--state-dir", type=PATH, default=None, help="Training state folder (default: BUNDLE/train-state).")
+@click.option("--force", is_flag=True, help="Replace a training run that is already in the state folder.")
+def from_peft(folder, bundle, state_dir, force):
+    """Import a PEFT LoRA adapter FOLDER as the starting point of on-device training."""
+    from edgetune.bundle import read_manifest
+    from edgetune.peft_io import read_peft_adapter
+    from edgetune.runtime.import_adapter import import_adapter
+
+    manifest = read_manifest(bundle)
+    tensors = _by_graph(manifest, read_peft_adapter(folder, manifest))
+    ckpt = import_adapter(bundle, manifest, tensors, f"imported from PEFT {folder}", state_dir=state_dir, force=force)
+    click.echo(f"imported {len(tensors)} tensors from {folder} into {ckpt}; `edgetune train {bundle} ...` starts from it")
+
+
+@click.command()
+@click.argument("bundle", type=PATH)
+@click.option("--adapter", type=PATH, default=None, help="Delta to merge (default: the latest trained adapter).")
+@click.option("--since", type=PATH, default=None, help="The delta a difference delta was made against.")
+@click.option("--out", type=PATH, required=True, help="Merged inference graph to write (e.g. merged.onnx).")
+@click.option("--state-dir", type=PATH, default=None)
+def merge(bundle, adapter, since, out, state_dir):
+    """Fold the adapter into the base weights (W' = W + scale * B @ A) of the inference graph."""
+    from edgetune.merge import merge_adapter
+
+    manifest, latest = _bundle_adapter(bundle, state_dir)
+    if adapter is not None:
+        _, tensors = _read_for_bundle(adapter, manifest, since, ())
+        tensors, origin = _by_graph(manifest, tensors), str(adapter)
+    else:
+        tensors, origin = latest.tensors, latest.origin
+    merge_adapter(bundle, manifest, tensors, out)
+    click.echo(f"wrote {out}: inference graph with the adapter ({origin}) folded in")
+
+
+@click.command()
+@click.option("--out", type=PATH, required=True, help="Private key file; the public key goes to OUT.pub.")
+def keygen(out):
+    """Create an Ed25519 key pair for signing deltas."""
+    from edgetune.delta import fingerprint_file, generate_keypair
+
+    generate_keypair(out)
+    click.echo(f"wrote {out} (private, mode 600) and {out}.pub (public); fingerprint {fingerprint_file(Path(str(out) + '.pub'))}")
+
+
+COMMANDS = [delta, to_peft, from_peft, merge, keygen]

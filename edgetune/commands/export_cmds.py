@@ -1,0 +1,65 @@
+"""Workstation commands: ``export`` and ``inspect``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bundle"), show_default=True,
+              help="Bundle folder to write (refused if it exists, unless --force).")
+@click.option("--method", default="lora", show_default=True, help="Adaptation method.")
+@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank r.")
+@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha; scaling = alpha / r.")
+@click.option("--targets", default="q_proj,v_proj", show_default=True, help="Comma-separated linear layers to adapt.")
+@click.option("--rslora", is_flag=True, help="Rank-stabilised LoRA: scaling = alpha / sqrt(r).")
+@click.option("--quantize", default="int8", show_default=True, help="Frozen base weights: int8 (per output channel) or none (fp32).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay (baked into the optimizer graph).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the initial LoRA A matrices.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def export(model, out, method, rank, alpha, targets, rslora, quantize, weight_decay, seed, force):
+    """Export MODEL (a Hugging Face folder, a .gguf file, or a built-in name; default smollm2-135m)
+    with a trainable adapter into an ONNX Runtime training bundle."""
+    from edgetune.export.artifacts import AdamWSettings
+    from edgetune.export.exporter import ExportOptions, check_output, export_bundle
+    from edgetune.methods import LoraConfig
+
+    check_output(Path(out), force)  # before loading torch: a fast, clear refusal
+    opts = ExportOptions(
+        source=model, out=out, method=method,
+        method_config=LoraConfig(rank=rank, alpha=alpha, targets=_targets(targets), use_rslora=rslora, seed=seed),
+        quantize=quantize, force=force, adamw=AdamWSettings(weight_decay=weight_decay),
+    )
+    manifest = export_bundle(opts, report=lambda msg: click.echo(f"• {msg}", err=True))
+    click.echo(f"wrote {out} in {manifest.producer['export_seconds']} s", err=True)
+    from edgetune.summary import bundle_summary
+
+    click.echo(bundle_summary(Path(out), manifest))
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifact files.")
+def inspect(bundle, as_json, no_verify):
+    """Show what a bundle holds: base model, method, tensors, quantization, files."""
+    from edgetune.bundle import read_manifest
+    from edgetune.summary import bundle_summary
+
+    manifest = read_manifest(bundle, verify=not no_verify)
+    if as_json:
+        click.echo(json.dumps(manifest.to_dict(), indent=2))
+    else:
+        click.echo(bundle_summary(bundle, manifest))
+
+
+COMMANDS = [export, inspect]

@@ -1,0 +1,156 @@
+"""``edgetune export``: model source -> LoRA-injected, optionally int8 -> ONNX training bundle.
+
+The bundle is built in a temporary folder beside ``out`` and renamed into place at the end, so a
+failed or killed export never leaves a half-written bundle behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from edgetune import __version__
+from edgetune.bundle import GraphInput, Manifest, TensorInfo, TokenizerInfo, write_manifest
+from edgetune.errors import ExportError
+from edgetune.export.artifacts import AdamWSettings
+from edgetune.methods import LoraConfig
+
+QUANTIZATIONS = ("int8", "none")
+TASKS = ("causal-lm",)
+TRAINING_GRAPH_INPUTS = [
+    GraphInput("input_ids", "int64", ["batch", "sequence"]),
+    GraphInput("attention_mask", "int64", ["batch", "sequence"]),
+    GraphInput("labels", "int64", ["batch", "sequence"]),
+]
+
+
+@dataclass
+class ExportOptions:
+    source: str | None  # HF folder, .gguf file, or built-in name (None = default model)
+    out: Path
+    method: str = "lora"
+    method_config: LoraConfig = field(default_factory=LoraConfig)
+    quantize: str = "int8"
+    task: str = "causal-lm"
+    force: bool = False
+    adamw: AdamWSettings = field(default_factory=AdamWSettings)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.quantize not in QUANTIZATIONS:
+            raise ExportError(f"unsupported quantization {self.quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}.")
+        if self.task not in TASKS:
+            raise ExportError(f"unsupported task {self.task!r}; choose one of: {', '.join(TASKS)}.")
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"output folder {str(out)!r} already exists; pass --force to replace it or choose another --out.")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {str(out)!r} exists and is not a folder; choose another --out.")
+
+
+def export_bundle(opts: ExportOptions, report: Callable[[str], None] = lambda msg: None) -> Manifest:
+    """Run the whole export; ``report`` receives one line per stage (the CLI prints them)."""
+    from edgetune.export.methods import get_method
+    from edgetune.export.sources import load_model, resolve_source
+
+    check_output(opts.out, opts.force)
+    method = get_method(opts.method)
+    source = resolve_source(opts.source)  # fails fast on a bad path, before loading anything
+    t0 = time.perf_counter()
+    report(f"hashing base weights of {source.model_id}")
+    base_sha = source.sha256()
+    report(f"loading {source.model_id} ({source.kind})")
+    model, tokenizer = load_model(source)
+    trainables = method.inject(model, opts.method_config)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.", suffix=".partial", dir=opts.out.parent))
+    try:
+        manifest = _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp, report)
+        _replace_dir(tmp, opts.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest.producer["export_seconds"] = round(time.perf_counter() - t0, 1)
+    return manifest
+
+
+def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Path, report) -> Manifest:
+    import onnx
+
+    from edgetune.export import artifacts
+    from edgetune.export.generation_graph import export_generation_graph
+    from edgetune.export.graph_cleanup import remove_zero_dropout
+    from edgetune.export.quantize import INT8_SCHEME, quantize_graph
+    from edgetune.export.tokenizer_info import save_tokenizer
+    from edgetune.export.training_graph import OUTPUT_NAMES, export_training_graph, graph_name
+
+    report("exporting the training graph (causal-LM loss)")
+    full = tmp / "full_model.onnx"
+    export_training_graph(model, full)
+    graph = onnx.load(str(full))
+    full.unlink()
+    remove_zero_dropout(graph)
+    trainable_names = [graph_name(t.torch_name) for t in trainables]
+    params = {t.name: t for t in graph.graph.initializer}
+    missing = [n for n in trainable_names if n not in params]
+    if missing:  # a declared tensor the exporter did not keep by name: a bug, not a user error
+        raise RuntimeError(f"trainable tensors missing from the exported graph: {missing[:3]}")
+    quantized = set()
+    if opts.quantize == "int8":
+        report("quantizing frozen weights to int8 (per output channel)")
+        names = [n for n, t in params.items() if n not in trainable_names and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
+        quantized = {q.name for q in quantize_graph(graph, names)}
+    frozen_inits = [t for t in graph.graph.initializer if t.name not in trainable_names]
+    report("generating ONNX Runtime training artifacts (gradient graph, AdamW, checkpoint)")
+    artifacts.generate(graph, trainable_names, [t.name for t in frozen_inits], tmp, opts.adamw)
+    report("exporting the generation graph (key/value cache, adapter as inputs)")
+    generation = export_generation_graph(model, trainables, tmp / "generation_model.onnx", quantize=opts.quantize == "int8")
+    tokenizer_info = save_tokenizer(tokenizer, model, tmp)
+
+    shape = {t.name: list(t.dims) for t in graph.graph.initializer}
+    dtype = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in graph.graph.initializer}
+    # The frozen list names the ORIGINAL fp32 tensors (as the model knows them) and how each is stored.
+    frozen = [TensorInfo(n, list(params[n].dims), "float32", quantization=INT8_SCHEME if n in quantized else "none")
+              for n in params if n not in trainable_names]
+    config = model.config
+    manifest = Manifest(
+        base_model={
+            "id": source.model_id, "sha256": base_sha, "model_type": config.model_type, "source": source.kind,
+            "config": {k: getattr(config, k, None) for k in
+                       ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "intermediate_size", "tie_word_embeddings")},
+            "parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        },
+        task=opts.task,
+        method={"name": method.name, "config": opts.method_config.to_dict(),
+                "peft_config": method.peft_config(opts.method_config, source.model_id)},
+        optimizer=opts.adamw.to_dict(),
+        trainable=[TensorInfo(graph_name(t.torch_name), shape[graph_name(t.torch_name)], dtype[graph_name(t.torch_name)], t.peft_key)
+                   for t in trainables],
+        frozen=frozen,
+        quantization=opts.quantize,
+        inputs=TRAINING_GRAPH_INPUTS,
+        outputs=list(OUTPUT_NAMES),
+        tokenizer=tokenizer_info,
+        generation=generation,
+        producer={"edgetune": __version__, "opset": 17},
+    )
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an existing one (--force) is removed only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,114 @@
+"""LoRA: the torch layer, its injection into a model, and its PEFT naming.
+
+Numerics follow PEFT's ``lora.Linear`` exactly (``base(x) + lora_B(lora_A(x)) * scaling``) so a
+PyTorch+PEFT step and an exported step agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from edgetune.errors import ExportError
+from edgetune.export.methods import Trainable, register
+from edgetune.methods import LoraConfig
+
+
+class LoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update.
+
+    base.weight: (out, in) frozen; lora_A: (r, in); lora_B: (out, r), zero at start so the
+    wrapped layer starts equal to the base layer.
+    """
+
+    adapter_tensor_names = ("lora_A", "lora_B")  # declared, not searched for (STYLE.md #3)
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float):
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scaling = scaling
+
+    @classmethod
+    def from_base(cls, base: nn.Linear, config: LoraConfig, generator: torch.Generator) -> "LoraLinear":
+        layer = cls(base, config.rank, config.scaling)
+        # PEFT's default init: kaiming_uniform_(a=sqrt(5)) on A -> U(-1/sqrt(in), 1/sqrt(in)).
+        bound = 1.0 / math.sqrt(base.in_features)
+        with torch.no_grad():
+            layer.lora_A.uniform_(-bound, bound, generator=generator)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
+        lora = nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B)
+        return self.base(x) + lora * self.scaling
+
+    def merge(self) -> nn.Linear:
+        """Fold the update into the base weight: W' = W + scaling * B @ A."""
+        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        with torch.no_grad():
+            merged.weight.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
+            if self.base.bias is not None:
+                merged.bias.copy_(self.base.bias)
+        return merged
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    return {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+class _Lora:
+    name = "lora"
+    config_class = LoraConfig
+
+    def inject(self, model: nn.Module, config: LoraConfig) -> list[Trainable]:
+        """Wrap every ``nn.Linear`` whose last name is in ``config.targets``; freeze everything else."""
+        available = _linear_names(model)
+        missing = [t for t in config.targets if t not in available]
+        if missing:
+            raise ExportError(
+                f"target module(s) {', '.join(missing)} not found in this model; "
+                f"linear layers it has: {', '.join(sorted(available))}."
+            )
+        for p in model.parameters():
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(config.seed)
+        targets = [
+            (path, m)
+            for path, m in model.named_modules()
+            if isinstance(m, nn.Linear) and path.rsplit(".", 1)[-1] in config.targets
+        ]
+        declared: list[Trainable] = []
+        for path, linear in targets:
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, child, LoraLinear.from_base(linear, config, generator))
+            for attr in LoraLinear.adapter_tensor_names:
+                declared.append(Trainable(path, attr, f"base_model.model.{path}.{attr}.weight"))
+        return declared
+
+    def peft_config(self, config: LoraConfig, base_model: str) -> dict:
+        """``adapter_config.json`` as PEFT writes it for this config."""
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": config.rank,
+            "lora_alpha": config.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": sorted(config.targets),
+            "use_rslora": config.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+        }
+
+
+LORA = register(_Lora())

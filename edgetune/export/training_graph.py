@@ -1,0 +1,90 @@
+"""The causal-LM training graph: a model wrapper that outputs its own scalar loss.
+
+Graph inputs: input_ids (B, T) int64, attention_mask (B, T) int64, labels (B, T) int64 (-100 =
+masked, e.g. prompt tokens and padding). Output: ``loss``, the mean cross-entropy over the label
+positions after the causal shift. The language-model head runs only on label positions, so
+prompt tokens and padding never produce (N, vocab) logits — less memory and fewer FLOPs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+INPUT_NAMES = ("input_ids", "attention_mask", "labels")
+OUTPUT_NAMES = ("loss",)
+OPSET = 17
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a Hugging Face ``*ForCausalLM``; parameter names become ``model.<hf name>``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        mask = additive_causal_mask(attention_mask)
+        hidden = self.model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        width = hidden.shape[-1]
+        h = hidden[:, :-1, :].reshape(-1, width)  # (B*(T-1), H): position t predicts token t+1
+        y = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+        keep = torch.nonzero(y != IGNORE_INDEX).squeeze(1)  # (N,) label positions only
+        logits = self.model.lm_head(h.index_select(0, keep))  # (N, V)
+        return nn.functional.cross_entropy(logits, y.index_select(0, keep))
+
+
+def additive_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 padding mask -> (B, 1, T, T) additive mask: 0 where query t may see key s.
+
+    Built here rather than by transformers' masking utilities, which use vmap and cannot be
+    traced by the TorchScript exporter; a 4-D mask is passed through by the model unchanged.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    causal = positions[None, :] <= positions[:, None]  # (T, T): key s <= query t
+    allowed = causal[None, None, :, :] & attention_mask[:, None, None, :].bool()  # (B, 1, T, T)
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(allowed, zero, torch.tensor(torch.finfo(torch.float32).min))
+
+
+def dummy_batch(vocab_size: int, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, ...]:
+    """A batch with masked prompt positions, so the exported graph keeps its masking path."""
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
+    attention_mask = torch.ones(batch, seq, dtype=torch.int64)
+    labels = input_ids.clone()
+    labels[:, : seq // 2] = IGNORE_INDEX
+    return input_ids, attention_mask, labels
+
+
+def export_training_graph(model: nn.Module, path: Path) -> None:
+    """Export the loss graph in training mode (dropout kept as ops, no constant folding).
+
+    Parameter names survive as initializer names (``model.model.layers.0...``), which is how the
+    manifest and ``generate_artifacts`` address them.
+    """
+    wrapper = CausalLMLoss(model)
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+               "labels": {0: "batch", 1: "sequence"}}
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            dummy_batch(model.config.vocab_size),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            do_constant_folding=False,
+            export_params=True,
+            training=torch.onnx.TrainingMode.TRAINING,
+            dynamo=False,
+        )
+
+
+def graph_name(torch_name: str) -> str:
+    """Initializer name of a model parameter inside the exported training graph."""
+    return f"model.{torch_name}"

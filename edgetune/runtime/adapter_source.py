@@ -1,0 +1,42 @@
+"""Which adapter tensors eval, generate and delta use: the latest trained ones, or the bundle's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgetune.bundle import Manifest
+from edgetune.runtime.state import STATE_DIR, StateDir
+
+
+@dataclass
+class AdapterTensors:
+    tensors: dict[str, np.ndarray]  # graph name -> float32 array
+    origin: str  # human description: "trained, step 200" / "bundle's initial adapter"
+    step: int = 0
+    trainer: dict | None = None
+
+
+def latest_adapter(bundle: Path, manifest: Manifest, state_dir: Path | None = None) -> AdapterTensors:
+    """The newest checkpoint's adapter, or the bundle's initial one when nothing was trained."""
+    latest = StateDir(state_dir or Path(bundle) / STATE_DIR).latest()
+    if latest is not None:
+        step = int(latest.trainer.get("step", 0))
+        origin = latest.trainer.get("origin") or f"trained, step {step}"
+        return AdapterTensors(latest.adapter(), origin, step, latest.trainer)
+    return AdapterTensors(initial_adapter(bundle, manifest), "bundle's initial adapter")
+
+
+def initial_adapter(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The trainable tensors as exported, read from the bundle's ORT checkpoint."""
+    from onnxruntime.training import api
+
+    state = api.CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
+    return {t.graph_name: np.array(state.parameters[t.graph_name].data, dtype=np.float32) for t in manifest.trainable}
+
+
+def disabled(manifest: Manifest) -> dict[str, np.ndarray]:
+    """Tensors that switch the adapter off: for LoRA, B = 0 (and A = 0) gives the base model."""
+    return {t.graph_name: np.zeros(t.shape, np.float32) for t in manifest.trainable}

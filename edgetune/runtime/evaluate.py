@@ -1,0 +1,60 @@
+"""``edgetune eval``: loss and perplexity on held-out data, with the adapter on and off."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgetune.bundle import read_manifest
+from edgetune.runtime.adapter_source import disabled, latest_adapter
+from edgetune.runtime.backend import open_backend
+from edgetune.runtime.batches import pad_batch
+from edgetune.runtime.data import load_examples
+from edgetune.runtime.text import load_text
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    label_tokens: int
+    examples: int
+
+
+def label_positions(batch: dict[str, np.ndarray]) -> int:
+    """How many positions the loss averages over: labels after the causal shift that are not -100."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def eval_loss(backend, examples, batch_size: int, pad_id: int) -> EvalResult:
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = pad_batch(examples[start:start + batch_size], pad_id)
+        n = label_positions(batch)
+        if n:
+            total += backend.eval_loss(batch) * n  # batch loss is a mean over its n positions
+            count += n
+    loss = total / count if count else float("nan")
+    return EvalResult(loss, math.exp(min(loss, 700.0)), count, len(examples))
+
+
+def evaluate(bundle: Path, data: Path, *, batch_size: int = 4, max_seq_len: int = 256, threads: int = 0,
+             state_dir: Path | None = None, skip_bad: bool = False, backend_name: str = "ort-training",
+             adapter: dict[str, np.ndarray] | None = None) -> dict:
+    """Evaluate with the latest trained adapter (or ``adapter``) and with the adapter off."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    tokenizer, template = load_text(bundle, manifest)
+    examples, stats = load_examples(data, tokenizer, template, max_seq_len, skip_bad=skip_bad)
+    source = latest_adapter(bundle, manifest, state_dir)
+    backend = open_backend(backend_name, bundle, manifest, threads=threads, with_eval=True, training=False)
+    pad = manifest.tokenizer.pad_token_id
+    backend.set_trainable(adapter if adapter is not None else source.tensors)
+    on = eval_loss(backend, examples, batch_size, pad)
+    backend.set_trainable(disabled(manifest))
+    off = eval_loss(backend, examples, batch_size, pad)
+    return {"adapter": "given" if adapter is not None else source.origin, "with_adapter": on.__dict__,
+            "without_adapter": off.__dict__, "data": stats.__dict__ if hasattr(stats, "__dict__") else stats}

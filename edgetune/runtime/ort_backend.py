@@ -1,0 +1,82 @@
+"""The ``ort-training`` backend: ``onnxruntime.training.api`` Module, Optimizer, CheckpointState."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgetune.bundle import Manifest
+from edgetune.errors import BundleError
+from edgetune.runtime.backend import Batch
+
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # warnings about unused initializers are noise for users
+    return options
+
+
+class OrtTrainingBackend:
+    name = "ort-training"
+
+    def __init__(self, bundle: Path, manifest: Manifest, *, checkpoint: Path | None, threads: int,
+                 with_eval: bool, training: bool):
+        try:
+            from onnxruntime.training import api
+        except ImportError:
+            raise BundleError(
+                "the ort-training backend needs onnxruntime-training-cpu==1.19.2 "
+                "(x86-64 Linux, Python 3.10/3.11); install it with `pip install onnxruntime-training-cpu==1.19.2`."
+            ) from None
+        bundle = Path(bundle)
+        self._names = [t.graph_name for t in manifest.trainable]
+        self._state = api.CheckpointState.load_checkpoint(str(checkpoint or bundle / CHECKPOINT))
+        self._module = api.Module(
+            str(bundle / TRAINING_MODEL), self._state,
+            str(bundle / EVAL_MODEL) if with_eval else None,
+            session_options=session_options(threads),
+        )
+        self._optimizer = api.Optimizer(str(bundle / OPTIMIZER_MODEL), self._module) if training else None
+        self._inputs = [i.name for i in manifest.inputs]
+
+    def _feed(self, batch: Batch) -> list[np.ndarray]:
+        return [np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs]
+
+    def train_step(self, batch: Batch) -> float:
+        self._module.train()
+        return float(self._module(*self._feed(batch)))
+
+    def optimizer_step(self, learning_rate: float) -> None:
+        self._optimizer.set_learning_rate(float(learning_rate))
+        self._optimizer.step()
+        self._module.lazy_reset_grad()
+
+    def discard_gradients(self) -> None:
+        self._module.lazy_reset_grad()
+
+    def eval_loss(self, batch: Batch) -> float:
+        self._module.eval()
+        return float(self._module(*self._feed(batch)))
+
+    def trainable(self) -> dict[str, np.ndarray]:
+        return {name: np.array(self._state.parameters[name].data, dtype=np.float32) for name in self._names}
+
+    def set_trainable(self, tensors: dict[str, np.ndarray]) -> None:
+        for name, value in tensors.items():
+            self._state.parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
+
+    def save(self, path: Path) -> None:
+        from onnxruntime.training import api
+
+        api.CheckpointState.save_checkpoint(self._state, str(path), include_optimizer_state=self._optimizer is not None)

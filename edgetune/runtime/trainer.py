@@ -1,0 +1,172 @@
+"""The on-device training loop: data -> batches -> backend steps -> crash-safe checkpoints.
+
+Resuming after a kill continues from the last checkpoint with the same batches (the batch order
+is a pure function of seed, epoch and position) and the same AdamW state, so it ends with the
+same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+
+from edgetune.bundle import read_manifest
+from edgetune.errors import EdgetuneError, TrainingError
+from edgetune.runtime.backend import open_backend
+from edgetune.runtime.batches import BatchPlan, pad_batch
+from edgetune.runtime.data import load_examples
+from edgetune.runtime.schedule import LinearSchedule
+from edgetune.runtime.state import STATE_DIR, StateDir
+from edgetune.runtime.text import load_text
+
+# What must match for --resume to continue the same run (anything else may change, e.g. threads).
+RUN_IDENTITY = ("data_sha256", "seed", "batch_size", "grad_accum", "max_seq_len", "total_steps", "lr", "warmup")
+
+
+@dataclass
+class TrainOptions:
+    data: Path
+    steps: int | None = None  # optimizer steps; default: one epoch when neither is given
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int = 256
+    lr: float = 2e-4
+    warmup: int = 0
+    seed: int = 0
+    threads: int = 0
+    save_every: int = 50
+    resume: bool = False
+    restart: bool = False
+    skip_bad: bool = False
+    backend: str = "ort-training"
+    state_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_seq_len", "save_every"):
+            if getattr(self, name) <= 0:
+                raise EdgetuneError(f"`--{name.replace('_', '-')}` must be positive, got {getattr(self, name)}.")
+        if self.steps is not None and self.steps <= 0:
+            raise EdgetuneError(f"`--steps` must be positive, got {self.steps}.")
+        if self.epochs is not None and self.epochs <= 0:
+            raise EdgetuneError(f"`--epochs` must be positive, got {self.epochs}.")
+        if self.steps is not None and self.epochs is not None:
+            raise EdgetuneError("give --steps or --epochs, not both.")
+        if self.resume and self.restart:
+            raise EdgetuneError("give --resume or --restart, not both.")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    start_step: int
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    checkpoint: Path | None = None
+    data: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def train(bundle: Path, opts: TrainOptions, progress: bool = True, log=print) -> TrainResult:
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    tokenizer, template = load_text(bundle, manifest)
+    examples, stats = load_examples(opts.data, tokenizer, template, opts.max_seq_len, skip_bad=opts.skip_bad)
+    state = StateDir(opts.state_dir or bundle / STATE_DIR)
+    latest = state.latest()
+    if opts.restart:
+        state.clear()
+        latest = None
+    elif latest is not None and latest.trainer.get("step", 0) > 0 and not opts.resume:
+        raise EdgetuneError(
+            f"{state.folder} holds a run at step {latest.trainer['step']}; pass --resume to continue it "
+            "or --restart to start over from the bundle's adapter."
+        )
+
+    plan = BatchPlan(len(examples), opts.batch_size, opts.seed)
+    per_epoch = math.ceil(plan.batches_per_epoch / opts.grad_accum)
+    total = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * per_epoch))
+    identity = {"data_sha256": file_sha256(opts.data), "seed": opts.seed, "batch_size": opts.batch_size,
+                "grad_accum": opts.grad_accum, "max_seq_len": opts.max_seq_len, "total_steps": total,
+                "lr": opts.lr, "warmup": opts.warmup}
+    start = 0
+    if latest is not None and opts.resume and latest.trainer.get("step", 0) > 0:
+        saved = latest.trainer.get("run", {})
+        changed = [f"{k}: {saved.get(k)!r} -> {identity[k]!r}" for k in RUN_IDENTITY if saved.get(k) != identity[k]]
+        if changed:
+            raise EdgetuneError(f"cannot --resume: the run's settings changed ({'; '.join(changed)}); "
+                                "use the same data and options, or pass --restart.")
+        start = int(latest.trainer["step"])
+        plan.restore(latest.trainer["position"])
+        state.truncate_metrics(start)
+        log(f"resuming from step {start} ({latest.folder.name})")
+    elif opts.resume:
+        log("no earlier run to resume; starting from the bundle's adapter")
+    elif state.metrics_path.exists():
+        state.metrics_path.unlink()
+
+    schedule = LinearSchedule(opts.lr, total, opts.warmup)
+    backend = open_backend(opts.backend, bundle, manifest, checkpoint=latest.ort_checkpoint if latest else None,
+                           threads=opts.threads)
+    result = TrainResult(steps=total, start_step=start, data=asdict(stats))
+
+    def save(step: int):
+        trainer = {"step": step, "position": plan.position, "run": identity, "backend": backend.name,
+                   "base_model_sha256": manifest.base_sha256, "num_examples": len(examples),
+                   "last_loss": result.losses[-1] if result.losses else None}
+        return state.save(trainer, backend.trainable(), backend.save)
+
+    batches = iter(plan)
+    bar = _progress(total, start, progress)
+    t0 = time.perf_counter()
+    for step in range(start, total):
+        step_start, step_loss, step_tokens = time.perf_counter(), 0.0, 0
+        for _ in range(opts.grad_accum):
+            _, _, indices = next(batches)
+            batch = pad_batch([examples[i] for i in indices], manifest.tokenizer.pad_token_id)
+            loss = backend.train_step(batch)
+            if not math.isfinite(loss):
+                backend.discard_gradients()
+                kept = state.latest()
+                where = f"the checkpoint at step {kept.trainer['step']} in {kept.folder} is kept" if kept else "no checkpoint was written"
+                raise TrainingError(f"the loss became {loss} at step {step + 1}; training stopped and {where}. "
+                                    "Lower --lr or check the data.")
+            step_loss += loss / opts.grad_accum
+            step_tokens += int(batch["attention_mask"].sum())
+        lr = schedule(step)
+        backend.optimizer_step(lr)
+        elapsed = time.perf_counter() - step_start
+        result.losses.append(step_loss)
+        result.tokens += step_tokens
+        state.append_metrics({"step": step + 1, "loss": round(step_loss, 6), "lr": lr, "tokens": step_tokens,
+                              "tokens_per_s": round(step_tokens / elapsed, 1), "seconds": round(elapsed, 4)})
+        if (step + 1) % opts.save_every == 0 or step + 1 == total:
+            result.checkpoint = save(step + 1).folder
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{step_tokens / elapsed:.0f}")
+        bar.update(1)
+    bar.close()
+    result.seconds = time.perf_counter() - t0
+    if result.checkpoint is None and latest is not None:
+        result.checkpoint = latest.folder
+    return result
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+

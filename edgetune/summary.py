@@ -1,0 +1,49 @@
+"""Human-readable bundle summary (``edgetune inspect``, end of ``edgetune export``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgetune.bundle import Manifest
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def bundle_summary(folder: Path, m: Manifest) -> str:
+    trainable = sum(_numel(t.shape) for t in m.trainable)
+    frozen = sum(_numel(t.shape) for t in m.frozen)
+    quantized = sum(1 for t in m.frozen if t.quantization != "none")
+    sizes = {name: (Path(folder) / name).stat().st_size for name in m.files if (Path(folder) / name).exists()}
+    cfg = m.method["config"]
+    method = m.method["name"]
+    if method == "lora":
+        method += f" r={cfg['rank']} alpha={cfg['alpha']:g} on {','.join(cfg['targets'])}" + (" (rsLoRA)" if cfg.get("use_rslora") else "")
+    lines = [
+        f"bundle      {folder}  (schema {m.schema_version})",
+        f"base model  {m.base_model['id']}  [{m.base_model['model_type']}]  sha256 {m.base_sha256[:16]}…",
+        f"task        {m.task}",
+        f"method      {method}",
+        f"trainable   {trainable:,} parameters in {len(m.trainable)} tensors ({100 * trainable / max(frozen, 1):.2f}% of the base)",
+        f"frozen      {frozen:,} parameters; {quantized} of {len(m.frozen)} tensors {m.quantization if quantized else 'fp32'}",
+        f"optimizer   AdamW betas={tuple(m.optimizer['betas'])} eps={m.optimizer['eps']:g} weight_decay={m.optimizer['weight_decay']:g}",
+        f"inputs      " + ", ".join(f"{i.name} {i.dtype}[{','.join(map(str, i.dims))}]" for i in m.inputs) + f" -> {', '.join(m.outputs)}",
+        f"tokenizer   {m.tokenizer.file}; chat template {'yes' if m.tokenizer.chat_template else 'no'}; stop ids {m.tokenizer.stop_token_ids}",
+        f"generation  {m.generation.file if m.generation else '—'}" + (f" ({m.generation.num_layers} layers, KV cache)" if m.generation else ""),
+        "files",
+    ]
+    lines += [f"  {name:<24} {human_bytes(size):>10}  {m.files[name][:12]}…" for name, size in sizes.items()]
+    lines.append(f"  {'total':<24} {human_bytes(sum(sizes.values())):>10}")
+    return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny Llama folder and bundles exported from it (built once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub from tests
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tests.tiny_model import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _export(source: Path, out: Path, **kwargs) -> Path:
+    from edgetune.export.exporter import ExportOptions, export_bundle
+    from edgetune.methods import LoraConfig
+
+    lora = LoraConfig(**{k: kwargs.pop(k) for k in ("rank", "alpha", "targets", "use_rslora") if k in kwargs})
+    export_bundle(ExportOptions(source=str(source), out=out, method_config=lora, **kwargs))
+    return out
+
+
+@pytest.fixture(scope="session")
+def export_tiny(tiny_model_dir, tmp_path_factory):
+    """export_tiny(**options) -> bundle folder; identical options share one export."""
+    cache: dict = {}
+
+    def make(**kwargs) -> Path:
+        key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        if key not in cache:
+            cache[key] = _export(tiny_model_dir, tmp_path_factory.mktemp("bundle") / "b", **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(export_tiny) -> Path:
+    """fp32 base, LoRA r=8 alpha=16 on q_proj,v_proj."""
+    return export_tiny(quantize="none")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_int8(export_tiny) -> Path:
+    return export_tiny(quantize="int8")

@@ -1,0 +1,162 @@
+"""Exporter: the ONNX training step equals a PyTorch + PEFT step; int8 stays close; bad input is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgetune.bundle import read_manifest
+from tests.reference import peft_adamw_step, peft_model
+
+RTOL = 1e-4
+
+
+def _batch(manifest, seed=0, batch=3, seq=12):
+    rng = np.random.default_rng(seed)
+    vocab = manifest.base_model["config"]["vocab_size"]
+    ids = rng.integers(3, vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0  # right padding
+    labels = ids.copy()
+    labels[:, :5] = -100  # prompt tokens masked
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _ort_step(bundle, manifest, batch, lr, start: dict | None):
+    from edgetune.runtime.backend import open_backend
+
+    backend = open_backend("ort-training", bundle, manifest)
+    if start is not None:
+        backend.set_trainable(start)
+    before = backend.trainable()
+    loss = backend.train_step(batch)
+    backend.optimizer_step(lr)
+    return loss, before, backend.trainable()
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@pytest.mark.parametrize("random_b", [False, True], ids=["exported-init", "nonzero-B"])
+def test_one_adamw_step_matches_peft(tiny_bundle, tiny_model_dir, random_b):
+    manifest = read_manifest(tiny_bundle)
+    batch, lr = _batch(manifest), 1e-3
+    start = None
+    if random_b:  # with B != 0, A gets a gradient too
+        rng = np.random.default_rng(1)
+        from edgetune.runtime.adapter_source import initial_adapter
+
+        start = {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in initial_adapter(tiny_bundle, manifest).items()}
+    loss, before, after = _ort_step(tiny_bundle, manifest, batch, lr, start)
+    by_peft = {t.peft_key: before[t.graph_name] for t in manifest.trainable}
+    ref_loss, ref_after = peft_adamw_step(peft_model(tiny_model_dir, manifest, by_peft), batch, lr, manifest.optimizer)
+    assert abs(loss - ref_loss) <= RTOL * abs(ref_loss)
+    assert set(ref_after) == {t.peft_key for t in manifest.trainable}
+    for t in manifest.trainable:
+        assert _rel(after[t.graph_name], ref_after[t.peft_key]) <= RTOL, t.peft_key
+        if random_b or "lora_B" in t.peft_key:  # the step really moved the tensor
+            assert not np.allclose(after[t.graph_name], before[t.graph_name])
+
+
+def test_manifest_records_peft_keys_and_hashes(tiny_bundle, tiny_model_dir):
+    from edgetune.export.sources import resolve_source
+
+    m = read_manifest(tiny_bundle)
+    assert m.base_sha256 == resolve_source(str(tiny_model_dir)).sha256()
+    keys = [t.peft_key for t in m.trainable]
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert len(keys) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A, B)
+    assert {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "tokenizer.json",
+            "generation_model.onnx"} <= set(m.files)
+    assert all(t.quantization == "none" for t in m.frozen)
+
+
+def test_int8_bundle_stays_close_to_fp32(tiny_bundle, tiny_bundle_int8):
+    """Eval loss and logits of the int8 base within stated tolerances of the fp32 base."""
+    from edgetune.runtime.adapter_source import initial_adapter
+    from edgetune.runtime.backend import open_backend
+    from edgetune.runtime.generate import Generator
+
+    m32, m8 = read_manifest(tiny_bundle), read_manifest(tiny_bundle_int8)
+    assert m8.quantization == "int8"
+    quantized = {t.graph_name for t in m8.frozen if t.quantization != "none"}
+    assert "model.model.embed_tokens.weight" in quantized and any("q_proj.base.weight" in n for n in quantized)
+    batch = _batch(m32)
+    losses = [open_backend("ort-training", b, m, with_eval=True, training=False).eval_loss(batch)
+              for b, m in ((tiny_bundle, m32), (tiny_bundle_int8, m8))]
+    assert abs(losses[0] - losses[1]) <= 0.01 * losses[0]  # stated: eval loss within 1 %
+    logits = [Generator(b, m).logits(batch["input_ids"], batch["attention_mask"], initial_adapter(b, m))
+              for b, m in ((tiny_bundle, m32), (tiny_bundle_int8, m8))]
+    spread = np.abs(logits[0]).max()
+    assert np.abs(logits[0] - logits[1]).max() <= 0.02 * spread  # stated: logits within 2 % of their range
+    assert (logits[0].argmax(-1) == logits[1].argmax(-1)).mean() >= 0.95
+    assert open(tiny_bundle_int8 / "checkpoint", "rb").seek(0, 2) < 0.5 * open(tiny_bundle / "checkpoint", "rb").seek(0, 2)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "edgetune.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["export", "/no/such/model", "--out", "{tmp}/o"], "not found"),
+    (["export", "{model}", "--rank", "0", "--out", "{tmp}/o"], "`rank` must be a positive integer"),
+    (["export", "{model}", "--quantize", "int3", "--out", "{tmp}/o"], "unsupported quantization 'int3'"),
+    (["export", "{model}", "--targets", "q_proj,qkv", "--out", "{tmp}/o"], "qkv not found in this model; linear layers it has:"),
+    (["export", "{model}", "--out", "{tmp}"], "already exists; pass --force"),
+    (["export", "{model}/config.json", "--out", "{tmp}/o"], "is not a .gguf file"),
+    (["inspect", "{tmp}"], "has no edgetune.json"),
+])
+def test_bad_input_is_one_line_exit_2(args, expected, tiny_model_dir, tmp_path):
+    args = [a.format(tmp=tmp_path, model=tiny_model_dir) for a in args]
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert expected in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_unknown_model_type_lists_supported(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    bad = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "not-a-model"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = _cli("export", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and ("not-a-model" in r.stderr) and "Traceback" not in r.stderr
+
+
+def test_inspect_shows_summary_and_json(tiny_bundle):
+    r = _cli("inspect", str(tiny_bundle))
+    assert r.returncode == 0, r.stderr
+    assert "lora r=8 alpha=16 on q_proj,v_proj" in r.stdout and "training_model.onnx" in r.stdout
+    r = _cli("inspect", str(tiny_bundle), "--json")
+    import json
+
+    assert json.loads(r.stdout)["method"]["name"] == "lora"
+
+
+def test_damaged_bundle_is_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    from edgetune.errors import BundleError
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    with open(copy / "eval_model.onnx", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(BundleError, match="eval_model.onnx do\\(es\\) not match"):
+        read_manifest(copy)
+    (copy / "checkpoint").unlink()
+    with pytest.raises(BundleError, match="incomplete: missing checkpoint"):
+        read_manifest(copy)
