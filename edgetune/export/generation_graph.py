@@ -41,6 +41,7 @@ def export_generation_graph(model, trainables: list[Trainable], path: Path, quan
     row; the adapter inputs stay fp32. The model is left as it was given (values, config, mode).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".generation.", dir=path.parent) as tmp:
         raw = Path(tmp) / "model.onnx"
         _trace(model, trainables, raw)
@@ -58,8 +59,9 @@ def export_generation_graph(model, trainables: list[Trainable], path: Path, quan
         )
     from edgetune.merge import write_onnx
 
+    info = _info(proto, path.name, adapter_inputs)
     write_onnx(proto, path)
-    return _info(proto, path.name, adapter_inputs)
+    return info
 
 
 def _trace(model, trainables: list[Trainable], out: Path) -> None:

@@ -1,0 +1,175 @@
+"""Fold a LoRA adapter into the generation graph: a stand-alone inference graph (no torch).
+
+For each adapted linear layer the generation graph holds (as traced from ``LoraLinear.forward``)
+
+    x ─ MatMul(Transpose(W)) ─────────────────────────────── Add ─ y
+    x ─ MatMul(Transpose(A)) ─ MatMul(Transpose(B)) ─ Mul(s) ─┘
+
+with A and B graph inputs. Merging sets W' = W + s * B @ A, makes the consumers of the Add read
+the base MatMul's output directly, and drops the branch. The join Add is found from the graph,
+not from node names: walking the (topologically sorted) nodes, a tensor is "tainted" by a layer
+when it depends on that layer's A or B; the first Add with one tainted and one clean input is
+the join, and its clean input is the base output. The base weight is the declared
+``<module>.base.weight`` (fp32 initializer, or the output of quantize.py's DequantizeLinear, in
+which case it is dequantized, merged and re-quantized per row).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgetune.bundle import Manifest
+from edgetune.errors import BundleError
+
+EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes of weights; protobuf cannot serialise a file over 2 GB
+
+
+def merge_adapter(bundle_dir: Path | str, manifest: Manifest, adapter: dict[str, np.ndarray], out_path: Path | str) -> None:
+    """Write ``out_path``: the bundle's generation graph with ``adapter`` (graph_name -> array) folded in."""
+    from edgetune.methods import config_from_dict
+
+    info = manifest.generation
+    if info is None:
+        raise BundleError(f"bundle {str(bundle_dir)!r} has no generation graph to merge into; re-export it.")
+    if manifest.method.get("name") != "lora":
+        raise BundleError(f"merging needs a LoRA bundle; this bundle's method is {manifest.method.get('name')!r}.")
+    scaling = config_from_dict("lora", manifest.method["config"]).scaling
+    shapes = {t.graph_name: tuple(t.shape) for t in manifest.trainable}
+    problems = [f"{g} is missing" for g in info.adapter_inputs.values() if g not in adapter]
+    problems += [f"{g} has shape {np.shape(adapter[g])}, the bundle expects {shapes[g]}"
+                 for g in info.adapter_inputs.values() if g in adapter and g in shapes and np.shape(adapter[g]) != shapes[g]]
+    if problems:
+        raise BundleError(f"the adapter does not fit this bundle: {'; '.join(problems)}. Use an adapter trained for it.")
+    path = Path(bundle_dir) / info.file
+    if not path.is_file():
+        raise BundleError(f"bundle {str(bundle_dir)!r} is missing its generation graph {info.file}; copy or re-export it.")
+    proto = onnx.load(str(path))
+    tensors = {name: np.asarray(adapter[g], dtype=np.float32) for name, g in info.adapter_inputs.items()}
+    merge_lora_graph(proto, tensors, scaling)
+    write_onnx(proto, Path(out_path))
+
+
+def merge_lora_graph(proto: onnx.ModelProto, tensors: dict[str, np.ndarray], scaling: float) -> None:
+    """In place: fold every ``<module>.lora_A`` / ``<module>.lora_B`` input pair (given in ``tensors``)."""
+    graph = proto.graph
+    layers: dict[str, dict[str, str]] = {}  # module -> {"lora_A": input name, "lora_B": input name}
+    for name in tensors:
+        module, _, attr = name.rpartition(".")
+        layers.setdefault(module, {})[attr] = name
+    broken = [m for m, pair in layers.items() if set(pair) != {"lora_A", "lora_B"}]
+    if broken:
+        raise BundleError(f"adapter inputs of {', '.join(broken)} are not lora_A/lora_B pairs; re-export the bundle.")
+    joins = _find_joins(graph, {pair[a]: m for m, pair in layers.items() for a in pair})
+    not_found = [m for m in layers if m not in joins]
+    if not_found:
+        raise BundleError(f"no LoRA branch found in the generation graph for {', '.join(not_found)}; re-export the bundle.")
+    inits = {t.name: t for t in graph.initializer}
+    dq = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for module, pair in layers.items():
+        weight = f"{module}.base.weight"
+        if uses.get(weight, 0) != 1:  # shared (e.g. tied) weight: merging would change its other uses too
+            raise BundleError(f"base weight {weight!r} is read by {uses.get(weight, 0)} nodes; "
+                              "merging supports layers with their own weight only.")
+        delta = scaling * (tensors[pair["lora_B"]] @ tensors[pair["lora_A"]])  # (out, r) @ (r, in) -> (out, in)
+        _fold(inits, dq, weight, delta)
+    # Consumers of each join Add read the base output instead; the branch then feeds nothing.
+    rename = {join.output[0]: base_out for join, base_out in joins.values()}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for out in graph.output:
+        if out.name in rename:  # a join feeding a graph output directly: keep the output's name
+            graph.node.append(onnx.helper.make_node("Identity", [rename[out.name]], [out.name]))
+    adapter_names = set(tensors)
+    kept_inputs = [i for i in graph.input if i.name not in adapter_names]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    _remove_dead(graph)
+
+
+def _find_joins(graph: onnx.GraphProto, taint: dict[str, str]) -> dict[str, tuple[onnx.NodeProto, str]]:
+    """module -> (join Add node, base-output tensor), by tainting from the adapter inputs."""
+    taint = dict(taint)  # tensor -> module whose A/B it depends on
+    joins: dict[str, tuple[onnx.NodeProto, str]] = {}
+    for node in graph.node:
+        modules = {taint[i] for i in node.input if i in taint}
+        if not modules:
+            continue
+        if node.op_type == "Add" and len(modules) == 1 and len(node.input) == 2:
+            module = next(iter(modules))
+            clean = [i for i in node.input if i not in taint]
+            if module not in joins and len(clean) == 1:
+                joins[module] = (node, clean[0])
+                continue  # the join's output is the layer output: later nodes are not the branch
+        for module in modules - set(joins):
+            for out in node.output:
+                taint[out] = module
+    return joins
+
+
+def _fold(inits, dq, weight: str, delta: np.ndarray) -> None:
+    """W (out, in) += delta, for an fp32 initializer or an int8 DequantizeLinear(q, scale, zp, axis=0)."""
+    from edgetune.export.quantize import dequantize_rows, quantize_rows
+
+    if weight in inits:
+        w = numpy_helper.to_array(inits[weight])
+        _check(weight, w.shape, delta.shape)
+        inits[weight].CopyFrom(numpy_helper.from_array((w + delta).astype(np.float32), weight))
+    elif weight in dq:
+        q_name, scale_name = dq[weight].input[0], dq[weight].input[1]
+        w = dequantize_rows(numpy_helper.to_array(inits[q_name]), numpy_helper.to_array(inits[scale_name]))
+        _check(weight, w.shape, delta.shape)
+        q, scale = quantize_rows(w + delta)
+        inits[q_name].CopyFrom(numpy_helper.from_array(q, q_name))
+        inits[scale_name].CopyFrom(numpy_helper.from_array(scale, scale_name))
+    else:
+        raise BundleError(f"base weight {weight!r} is not in the generation graph; re-export the bundle.")
+
+
+def _check(weight: str, shape, delta_shape) -> None:
+    if tuple(shape) != tuple(delta_shape):
+        raise BundleError(f"base weight {weight!r} is {tuple(shape)} but B @ A is {tuple(delta_shape)}; "
+                          "the adapter was made for another model.")
+
+
+def _remove_dead(graph: onnx.GraphProto) -> None:
+    """Drop nodes that no graph output depends on, then initializers nothing reads."""
+    needed = {o.name for o in graph.output}
+    live = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(live))
+    kept = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def write_onnx(proto: onnx.ModelProto, path: Path) -> None:
+    """Save atomically (temp file + os.replace); weights over ~2 GB go to ``<name>.data`` beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    big = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_ABOVE
+    try:
+        if big:  # the data file takes its final name: the model file that points at it is replaced last
+            onnx.save(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=f"{path.name}.data")
+        else:
+            onnx.save(proto, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,131 @@
+"""Device-side decoding with the bundle's generation graph (numpy + onnxruntime only, never torch).
+
+The graph (``edgetune.export.generation_graph``) takes the adapter tensors as inputs, so one
+session serves any adapter: the trained one, the bundle's initial one, or ``adapter_source.disabled``
+(all zeros: LoRA with A = B = 0 is the base model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgetune.bundle import Manifest
+from edgetune.errors import BundleError, EdgetuneError
+
+
+class Generator:
+    """One ONNX Runtime session on ``manifest.generation``; ``threads=0`` lets ORT choose."""
+
+    def __init__(self, bundle: Path | str, manifest: Manifest, threads: int = 0):
+        import onnxruntime as ort
+
+        info = manifest.generation
+        if info is None:
+            raise BundleError(f"bundle {str(bundle)!r} has no generation graph; re-export it with this edgetune.")
+        path = Path(bundle) / info.file
+        if not path.is_file():
+            raise BundleError(f"bundle {str(bundle)!r} is missing its generation graph {info.file}; copy or re-export it.")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise EdgetuneError(f"`threads` must be a non-negative integer (0 = all cores), got {threads!r}.")
+        options = ort.SessionOptions()
+        # Let ORT fold int8 DequantizeLinear weights into fp32 constants at load (by default it keeps
+        # them for QDQ fusions, and re-dequantizes every weight on every step). SmolLM2-135M int8,
+        # 2 threads: 24 ms instead of 246 ms per token, peak RSS 1.89 GB instead of 1.66 GB.
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.info = info
+        self.shapes = {t.graph_name: tuple(t.shape) for t in manifest.trainable}
+        names = {i.name for i in self.session.get_inputs()}
+        absent = [n for n in (*info.past_inputs, *info.adapter_inputs) if n not in names]
+        if absent:
+            raise BundleError(f"{path}: graph inputs {', '.join(absent[:3])} named by the manifest do not exist; "
+                              "the bundle is inconsistent — re-export it.")
+
+    # --- public -------------------------------------------------------------------------------
+    def logits(self, input_ids, attention_mask, adapter: dict[str, np.ndarray]) -> np.ndarray:
+        """Full forward with an empty cache: (B, T) ids and 0/1 mask -> (B, T, V) float32 logits."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        if ids.ndim != 2 or mask.shape != ids.shape or ids.shape[1] == 0:
+            raise EdgetuneError(f"`input_ids` and `attention_mask` must both be (batch, tokens) with tokens > 0, "
+                                f"got {ids.shape} and {mask.shape}.")
+        # Positions count real tokens (as transformers' generate does); padding gets a dummy 1.
+        positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+        logits, _ = self._step(ids, mask, positions, self._empty_past(ids.shape[0]), self._adapter_feeds(adapter))
+        return logits
+
+    def generate(self, prompt_ids, adapter: dict[str, np.ndarray], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop_ids=()) -> np.ndarray:
+        """Decode after ``prompt_ids`` (T,) with the KV cache; returns the new ids (stop id excluded)."""
+        prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        if prompt.size == 0:
+            raise EdgetuneError("the prompt is empty; give at least one token.")
+        if max_new_tokens < 0:
+            raise EdgetuneError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}.")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise EdgetuneError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}.")
+        feeds = self._adapter_feeds(adapter)
+        stop = {int(s) for s in stop_ids}
+        rng = np.random.default_rng(seed)
+        past = self._empty_past(1)
+        ids, start, new = prompt[None, :], 0, []  # first step: the whole prompt; then one token per step
+        for _ in range(max_new_tokens):
+            end = start + ids.shape[1]
+            logits, past = self._step(ids, np.ones((1, end), np.int64), np.arange(start, end, dtype=np.int64)[None, :],
+                                      past, feeds)
+            token = pick_token(logits[0, -1], temperature, top_p, rng)
+            if token in stop:
+                break
+            new.append(token)
+            ids, start = np.array([[token]], np.int64), end
+        return np.array(new, dtype=np.int64)
+
+    # --- internals ----------------------------------------------------------------------------
+    def _adapter_feeds(self, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """generation-input name -> contiguous float32; every problem is reported in one error."""
+        feeds, problems = {}, []
+        for input_name, graph_name in self.info.adapter_inputs.items():
+            if graph_name not in adapter:
+                problems.append(f"{graph_name} is missing")
+                continue
+            value = np.ascontiguousarray(adapter[graph_name], dtype=np.float32)
+            expected = self.shapes.get(graph_name, value.shape)
+            if value.shape != tuple(expected):
+                problems.append(f"{graph_name} has shape {value.shape}, the bundle expects {tuple(expected)}")
+            feeds[input_name] = value
+        if problems:
+            raise BundleError(f"the adapter does not fit this bundle: {'; '.join(problems)}. "
+                              "Use an adapter trained for this bundle (or the disabled adapter).")
+        return feeds
+
+    def _empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.info.num_kv_heads, 0, self.info.head_dim)  # (B, kv_heads, past=0, head_dim)
+        return [np.zeros(shape, np.float32) for _ in self.info.past_inputs]
+
+    def _step(self, ids, mask, positions, past, feeds) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One graph run: mask covers past + new tokens; returns (B, T, V) logits and the new cache."""
+        inputs = {"input_ids": ids, "attention_mask": mask, **dict(zip(self.info.past_inputs, past)), **feeds}
+        if self.info.has_position_ids:
+            inputs["position_ids"] = positions
+        outputs = self.session.run(["logits", *self.info.present_outputs], inputs)
+        return outputs[0], outputs[1:]
+
+
+def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """(V,) logits -> a token id: greedy at temperature 0, else softmax(logits / T) cut to nucleus top_p."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep = order[: int(np.searchsorted(cumulative, top_p, side="left")) + 1]
+    kept = probs[keep] / probs[keep].sum()
+    return int(keep[rng.choice(len(keep), p=kept)])
