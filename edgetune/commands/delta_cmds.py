@@ -50,7 +50,7 @@ def _method(manifest) -> dict:
     return {"name": manifest.method["name"], "config": manifest.method["config"]}
 
 
-@click.group(invoke_without_command=True, context_settings={"ignore_unknown_options": False})
+@click.command(context_settings={"allow_extra_args": True})
 @click.argument("bundle", type=PATH, required=False)
 @click.option("--out", type=PATH, help="Delta file to write (e.g. update.etd).")
 @click.option("--codec", type=click.Choice(["fp16", "int8", "fp32"]), default="fp16", show_default=True)
@@ -66,8 +66,11 @@ def delta(ctx, bundle, out, codec, since, sign_key, round_id, state_dir):
     edgetune delta BUNDLE --out update.etd [--codec fp16|int8|fp32] [--since global.etd] [--sign device.key]
     edgetune delta inspect update.etd
     """
-    if ctx.invoked_subcommand is not None:
+    if str(bundle) == "inspect":  # `edgetune delta inspect FILE`: a sub-command sharing the name
+        delta_inspect.main(ctx.args, prog_name="edgetune delta inspect", standalone_mode=False)
         return
+    if ctx.args:
+        raise click.UsageError(f"unexpected argument(s): {' '.join(ctx.args)}")
     if bundle is None or out is None:
         raise click.UsageError("give BUNDLE and --out, e.g. `edgetune delta bundle --out update.etd`.")
     from edgetune.delta import diff, load_private_key, read_delta, write_delta
@@ -92,7 +95,7 @@ def delta(ctx, bundle, out, codec, since, sign_key, round_id, state_dir):
                + (f", signed by {written.signer_fingerprint}" if sign_key else ""))
 
 
-@delta.command(name="inspect")
+@click.command(name="inspect")
 @click.argument("path", type=PATH)
 @click.option("--trusted-key", "trusted", type=PATH, multiple=True, help="Public key(s) a signature must come from.")
 @click.option("--json", "as_json", is_flag=True)
