@@ -52,14 +52,22 @@ def test_runtime_imports_no_torch():
     assert out == "[]"
 
 
-def test_loss_falls_on_memorisable_data(bundle, tmp_path):
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_loss_falls_on_memorisable_data(export_tiny, tmp_path):
+    """LoRA on every linear layer: a random tiny model has too little in q/v alone to memorise."""
+    import shutil
+
     from edgetune.runtime.trainer import TrainOptions, train
 
+    bundle = tmp_path / "bundle"
+    shutil.copytree(export_tiny(quantize="none", targets=ALL_LINEAR), bundle)
     data = _write_pairs(tmp_path / "pairs.jsonl")
     result = train(bundle, TrainOptions(data=data, steps=30, batch_size=4, lr=1e-2, save_every=100), progress=False)
     assert len(result.losses) == 30
     start, end = np.mean(result.losses[:3]), np.mean(result.losses[-3:])
-    assert end < 0.5 * start, (start, end)
+    assert end < 0.4 * start, (start, end)
     lines = (bundle / "train-state" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 31))
     # eval: on the training data the trained adapter beats the base model
