@@ -50,7 +50,17 @@ def _method(manifest) -> dict:
     return {"name": manifest.method["name"], "config": manifest.method["config"]}
 
 
-@click.command(context_settings={"allow_extra_args": True})
+class _DeltaCommand(click.Command):
+    """``delta BUNDLE --out F`` writes a delta; ``delta inspect FILE ...`` reads one."""
+
+    def parse_args(self, ctx, args):
+        if args[:1] == ["inspect"]:
+            ctx.meta["inspect_args"] = args[1:]
+            args = []
+        return super().parse_args(ctx, args)
+
+
+@click.command(cls=_DeltaCommand)
 @click.argument("bundle", type=PATH, required=False)
 @click.option("--out", type=PATH, help="Delta file to write (e.g. update.etd).")
 @click.option("--codec", type=click.Choice(["fp16", "int8", "fp32"]), default="fp16", show_default=True)
@@ -66,11 +76,9 @@ def delta(ctx, bundle, out, codec, since, sign_key, round_id, state_dir):
     edgetune delta BUNDLE --out update.etd [--codec fp16|int8|fp32] [--since global.etd] [--sign device.key]
     edgetune delta inspect update.etd
     """
-    if str(bundle) == "inspect":  # `edgetune delta inspect FILE`: a sub-command sharing the name
-        delta_inspect.main(ctx.args, prog_name="edgetune delta inspect", standalone_mode=False)
+    if "inspect_args" in ctx.meta:
+        delta_inspect.main(ctx.meta["inspect_args"], prog_name="edgetune delta inspect", standalone_mode=False)
         return
-    if ctx.args:
-        raise click.UsageError(f"unexpected argument(s): {' '.join(ctx.args)}")
     if bundle is None or out is None:
         raise click.UsageError("give BUNDLE and --out, e.g. `edgetune delta bundle --out update.etd`.")
     from edgetune.delta import diff, load_private_key, read_delta, write_delta
