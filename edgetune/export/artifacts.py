@@ -56,8 +56,10 @@ def _torch_adamw(settings: AdamWSettings):
 def generate(model: onnx.ModelProto, trainable: list[str], frozen: list[str], out_dir: Path,
              adamw: AdamWSettings) -> None:
     """Write the four artifacts into ``out_dir`` (which must exist)."""
+    import onnxruntime
     from onnxruntime.training import artifacts
 
+    onnxruntime.set_default_logger_severity(3)  # its per-transformer INFO lines are noise for users
     artifacts.generate_artifacts(
         model,
         requires_grad=trainable,
