@@ -1,7 +1,7 @@
 """``make demo``: the whole story on the default model, with the real commands.
 
-export (int8 SmolLM2-135M + LoRA) -> inspect -> held-out answers and eval loss before ->
-train on the shipped record-format dataset -> the same after. The task (turn a sentence into
+export (int8 SmolLM2-135M + LoRA) -> held-out answers and eval loss before -> train on the
+shipped record-format dataset -> the same after -> the delta that would leave the device. The task (turn a sentence into
 ``name=..; age=..; city=..``) is one the base model does not follow, so the held-out exact-match
 rate shows what on-device fine-tuning changed.
 """
@@ -58,6 +58,10 @@ def main() -> None:
         "--lr", "1e-3", "--warmup", "5", "--max-seq-len", "128", "--restart")
     run("eval", str(bundle), "--data", str(held_path))
     after = heldout_answers(bundle, records, use_adapter=True)
+
+    for codec in ("fp16", "int8"):
+        run("delta", str(bundle), "--out", str(args.out / f"update-{codec}.etd"), "--codec", codec)
+    run("delta", "inspect", str(args.out / "update-int8.etd"))
 
     print("\nheld-out answers (names and cities never seen in training):")
     for r, b, a in list(zip(records, before, after))[:SHOWN]:
