@@ -7,6 +7,10 @@ sessions share one copy of the base weights instead of each holding its own.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,15 +60,34 @@ def _torch_adamw(settings: AdamWSettings):
 def generate(model: onnx.ModelProto, trainable: list[str], frozen: list[str], out_dir: Path,
              adamw: AdamWSettings) -> None:
     """Write the four artifacts into ``out_dir`` (which must exist)."""
-    import onnxruntime
     from onnxruntime.training import artifacts
 
-    onnxruntime.set_default_logger_severity(3)  # its per-transformer INFO lines are noise for users
-    artifacts.generate_artifacts(
-        model,
-        requires_grad=trainable,
-        frozen_params=frozen,
-        loss=None,  # the graph already outputs its scalar loss
-        optimizer=_torch_adamw(adamw),
-        artifact_directory=str(out_dir),
-    )
+    with _native_stderr_captured():
+        artifacts.generate_artifacts(
+            model,
+            requires_grad=trainable,
+            frozen_params=frozen,
+            loss=None,  # the graph already outputs its scalar loss
+            optimizer=_torch_adamw(adamw),
+            artifact_directory=str(out_dir),
+        )
+
+
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """ORT's gradient builder logs every graph transformer at INFO level straight to fd 2, ignoring
+    the Python-side severity; keep it out of the user's terminal, and show it only on failure."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

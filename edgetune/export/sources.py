@@ -74,6 +74,9 @@ def resolve_source(source: str | None) -> ModelSource:
 def load_model(source: ModelSource):
     """Load (model, tokenizer) in fp32, eager attention, no cache. Raises ExportError for unknown types."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its notes (legacy tokenizer behaviour, deprecations) are not ours to act on
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:

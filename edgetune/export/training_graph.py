@@ -8,6 +8,8 @@ prompt tokens and padding never produce (N, vocab) logits — less memory and fe
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,7 +71,7 @@ def export_training_graph(model: nn.Module, path: Path) -> None:
     wrapper = CausalLMLoss(model)
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
                "labels": {0: "batch", 1: "sequence"}}
-    with torch.no_grad():
+    with torch.no_grad(), quiet_export():
         torch.onnx.export(
             wrapper,
             dummy_batch(model.config.vocab_size),
@@ -83,6 +85,15 @@ def export_training_graph(model: nn.Module, path: Path) -> None:
             training=torch.onnx.TrainingMode.TRAINING,
             dynamo=False,
         )
+
+
+@contextlib.contextmanager
+def quiet_export():
+    """The TorchScript exporter's tracer and deprecation warnings say nothing a user can act on."""
+    with warnings.catch_warnings():
+        for category in (torch.jit.TracerWarning, DeprecationWarning, FutureWarning, UserWarning):
+            warnings.simplefilter("ignore", category)
+        yield
 
 
 def graph_name(torch_name: str) -> str:
