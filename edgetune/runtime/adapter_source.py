@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetune.bundle import Manifest
+from edgetune.runtime.ort_import import training_api
 from edgetune.runtime.state import STATE_DIR, StateDir
 
 
@@ -31,9 +32,7 @@ def latest_adapter(bundle: Path, manifest: Manifest, state_dir: Path | None = No
 
 def initial_adapter(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """The trainable tensors as exported, read from the bundle's ORT checkpoint."""
-    from onnxruntime.training import api
-
-    state = api.CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
+    state = training_api().CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
     return {t.graph_name: np.array(state.parameters[t.graph_name].data, dtype=np.float32) for t in manifest.trainable}
 
 

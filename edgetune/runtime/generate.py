@@ -13,13 +13,14 @@ import numpy as np
 
 from edgetune.bundle import Manifest
 from edgetune.errors import BundleError, EdgetuneError
+from edgetune.runtime.ort_import import onnxruntime
 
 
 class Generator:
     """One ONNX Runtime session on ``manifest.generation``; ``threads=0`` lets ORT choose."""
 
     def __init__(self, bundle: Path | str, manifest: Manifest, threads: int = 0):
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         info = manifest.generation
         if info is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetune.bundle import Manifest
-from edgetune.errors import BundleError
+from edgetune.runtime.ort_import import onnxruntime, training_api
 from edgetune.runtime.backend import Batch
 
 TRAINING_MODEL = "training_model.onnx"
@@ -17,7 +17,7 @@ CHECKPOINT = "checkpoint"
 
 
 def session_options(threads: int):
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     options = ort.SessionOptions()
     if threads:
@@ -32,13 +32,7 @@ class OrtTrainingBackend:
 
     def __init__(self, bundle: Path, manifest: Manifest, *, checkpoint: Path | None, threads: int,
                  with_eval: bool, training: bool):
-        try:
-            from onnxruntime.training import api
-        except ImportError:
-            raise BundleError(
-                "the ort-training backend needs onnxruntime-training-cpu==1.19.2 "
-                "(x86-64 Linux, Python 3.10/3.11); install it with `pip install onnxruntime-training-cpu==1.19.2`."
-            ) from None
+        api = training_api()
         bundle = Path(bundle)
         self._names = [t.graph_name for t in manifest.trainable]
         self._state = api.CheckpointState.load_checkpoint(str(checkpoint or bundle / CHECKPOINT))
@@ -77,6 +71,4 @@ class OrtTrainingBackend:
             self._state.parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
 
     def save(self, path: Path) -> None:
-        from onnxruntime.training import api
-
-        api.CheckpointState.save_checkpoint(self._state, str(path), include_optimizer_state=self._optimizer is not None)
+        training_api().CheckpointState.save_checkpoint(self._state, str(path), include_optimizer_state=self._optimizer is not None)
