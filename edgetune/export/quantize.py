@@ -70,9 +70,8 @@ def quantize_graph(model: onnx.ModelProto, names: list[str]) -> list[QuantizedTe
                 helper.make_node("DequantizeLinear", [qt.q_name, qt.scale_name, zero], [name], axis=0, name=f"{name}/DequantizeLinear")
             )
         done.append(qt)
-    # Nodes must stay topologically sorted: the new producers read only initializers or graph inputs
-    # of the replaced Gather, so putting them first is valid except for Gather rewrites, which are
-    # inserted in place of the original node by _gather_rows' caller below.
+    # ONNX wants nodes in topological order; the Gather rewrites read the ids that upstream nodes
+    # produce, so re-sort rather than prepend.
     _insert_in_order(graph, new_nodes)
     return done
 

@@ -14,7 +14,7 @@ Bottleneck adapters, prefix tuning and full fine-tuning slot in as further modul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from edgetune.errors import ExportError
 
@@ -64,5 +64,3 @@ def _load_builtin() -> None:
     # Importing a method module registers it; order does not matter.
     from edgetune.export.methods import lora  # noqa: F401
 
-
-Injector = Callable[..., list[Trainable]]
