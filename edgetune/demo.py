@@ -41,7 +41,7 @@ def heldout_answers(bundle: Path, records: list[dict], use_adapter: bool) -> lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     import json
 
