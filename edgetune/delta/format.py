@@ -93,6 +93,9 @@ def write_delta(path: Path, tensors: dict[str, np.ndarray], **kwargs) -> int:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever collects the file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
