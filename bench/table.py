@@ -1,0 +1,91 @@
+"""The printed report: one table of edgetune vs PyTorch+PEFT, then the GEMM, FLOP, export and delta facts."""
+
+from __future__ import annotations
+
+NAMES = {"edgetune": "edgetune", "pytorch_peft": "PyTorch+PEFT"}
+GB, MB = 1e9, 1e6
+
+
+def _gb(x):
+    return "—" if x is None else f"{x / GB:.2f} GB"
+
+
+def _signed_gb(x):
+    return "—" if x is None else f"{x / GB:+.2f} GB"
+
+
+def _ratio(a, b):
+    return "" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+
+# (label, key, format, ratio?) ; ratio column = edgetune / PyTorch+PEFT
+ROWS = [
+    ("step time, median s", "step_s", lambda x: f"{x:.3f}", False),
+    ("  fastest – slowest s", None, None, False),
+    ("tokens/s", "tokens_per_s", lambda x: f"{x:.0f}", True),
+    ("useful GFLOP/s", "useful_gflop_per_s", lambda x: f"{x:.0f}", True),
+    ("  of the GEMM rate", "fraction_of_gemm", lambda x: f"{100 * x:.0f}%", False),
+    ("cores kept busy in steps", "cores_busy", lambda x: f"{x:.2f}", False),
+    ("  cores others took meanwhile", "other_cores", lambda x: f"{x:.2f}", False),
+    ("loss at step 1", "first_loss", lambda x: f"{x:.4f}", False),
+    ("peak RSS, whole process (OS)", "peak_rss_bytes", _gb, True),
+    ("RSS when training starts", "rss_before_steps_bytes", _gb, True),
+    ("RSS growth after warm-up", "rss_growth_after_warmup_bytes", _signed_gb, True),
+    ("peak RSS growth during steps", "steps_peak_growth_bytes", _signed_gb, True),
+]
+
+
+def render(r: dict) -> str:
+    c, m = r["config"], r["machine"]
+    trainers = r["trainers"]
+    names = list(trainers)
+    head = [
+        f"edgetune vs PyTorch+PEFT — {c['model']}, {c['method']}, AdamW lr {c['learning_rate']:g}",
+        f"batch {c['batch_size']} x {c['seq_len']} tokens, prompt fraction {c['prompt_fraction']:g} "
+        f"({r['flops']['label_positions']} label positions); {m['threads']} threads; edgetune base {'fp32' if c['quantize'] == 'none' else c['quantize']}",
+        f"{m['cpu']}, {m['cores']} cores, load average at start {m['load_average_at_start'][0]}; "
+        f"median of {c['steps']} steps after {c['warmup']} warm-up",
+        "",
+    ]
+    width = 30
+    lines = [f"{'':<{width}}" + "".join(f"{NAMES[n]:>15}" for n in names)
+             + (f"{'edgetune/PyTorch':>18}" if len(names) == 2 else "")]
+    for label, key, fmt, ratio in ROWS:
+        if key is None:
+            cells = [f"{trainers[n]['step_min_s']:.2f} – {trainers[n]['step_max_s']:.2f}" for n in names]
+        else:
+            cells = [fmt(trainers[n][key]) if trainers[n].get(key) is not None else "—" for n in names]
+        row = f"{label:<{width}}" + "".join(f"{cell:>15}" for cell in cells)
+        if ratio and len(names) == 2:
+            row += f"{_ratio(trainers[names[0]].get(key), trainers[names[1]].get(key)):>18}"
+        lines.append(row)
+    f = r["flops"]
+    tail = [
+        "",
+        f"GEMM: {r['gemm']['n']}^3 fp32 MatMul in ONNX Runtime, {m['threads']} threads: "
+        f"{r['gemm']['gflop_per_s']:.0f} GFLOP/s (the faster of "
+        + " and ".join(f"{x:.0f}" for x in r["gemm"]["gflop_per_s_before_after"])
+        + f", before and after the trainers; median of {r['gemm']['runs']} runs each)",
+        f"useful work per step: {f['total'] / 1e9:.1f} GFLOP = 2 x forward {f['forward'] / 1e9:.1f} "
+        f"(projections {f['projections'] / 1e9:.1f} + LM head {f['lm_head'] / 1e9:.1f} + attention {f['attention'] / 1e9:.1f})",
+        f"  {f['formula']}",
+    ]
+    e = r["export"]
+    how = "reused" if e["seconds"] is None else f"exported in {e['seconds']:.0f} s (peak RSS {_gb(e['peak_rss_bytes'])})"
+    tail.append(f"bundle: {r['bundle']['total'] / MB:.1f} MB on disk, {how}")
+    d = r["delta"]
+    base = r["base_model_bytes_fp32"]
+    for kind, label in (("payload", "values only"), ("file", ".etd file")):
+        sizes = [(codec, d[kind][codec]) for codec in ("fp32", "fp16", "int8") if d[kind].get(codec) is not None]
+        if sizes:
+            tail.append(f"delta ({label}): " + ", ".join(f"{codec} {n / MB:.2f} MB ({100 * n / base:.2f}%)" for codec, n in sizes)
+                        + f"  — % of the fp32 base model, {base / MB:.0f} MB")
+    tail.append(f"  {d['tensors']} trainable tensors, {d['values']:,} values")
+    if len(names) == 2:
+        s = r["ratios"]
+        tail += ["", f"edgetune vs PyTorch+PEFT: {s['speedup_tokens_per_s']:.2f}x the tokens/s, "
+                     f"{s['peak_rss_ratio']:.2f}x the peak RSS"
+                     + (f", {s['steps_peak_growth_ratio']:.2f}x the peak RSS growth during steps"
+                        if s.get("steps_peak_growth_ratio") is not None else "")]
+    tail += [f"WARNING: {w} Timings are not comparable; run again on a quiet machine." for w in r["warnings"]]
+    return "\n".join(head + lines + tail)

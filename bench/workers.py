@@ -1,0 +1,142 @@
+"""Benchmark workers; each runs in its own process so the OS measures its memory alone.
+
+    python bench/workers.py edgetune '{"bundle": ..., "batch": 4, "seq": 128, "threads": 2, ...}'
+    python bench/workers.py torch    '{"model": null, "lora": {...}, "adamw": {...}, ...}'
+    python bench/workers.py gemm     '{"threads": 2, "n": 2048, "runs": 10}'
+
+Each prints one line ``RESULT {json}``: step times, losses, RSS before the first step, after the
+warm-up and after the timed steps (psutil), and the kernel's peak RSS of the loading phase and
+of the training phase (bench/memory.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` and the repo's `edgetune`
+
+from bench import memory  # noqa: E402
+from bench.cpu import Window  # noqa: E402
+from bench.data import make_batch  # noqa: E402
+
+LEARNING_RATE = 1e-4
+
+
+def timed(step, steps: int, losses: list) -> list[float]:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(step, warmup: int, steps: int) -> dict:
+    """Run ``warmup`` then ``steps`` calls of ``step()`` (which returns the loss); time the latter."""
+    before = memory.rss()
+    load_high_water = memory.high_water()
+    reset = memory.reset_high_water()
+    losses = [step() for _ in range(warmup)]
+    after_warmup = memory.rss()
+    with Window() as window:
+        times = timed(step, steps, losses)
+    return {
+        "times": times, "losses": losses, **window.result(),
+        "rss_before_steps_bytes": before, "rss_after_warmup_bytes": after_warmup, "rss_after_steps_bytes": memory.rss(),
+        "load_high_water_bytes": load_high_water,
+        "steps_high_water_bytes": memory.high_water() if reset else None,  # warm-up included
+    }
+
+
+def run_edgetune(a: dict) -> dict:
+    from edgetune.bundle import read_manifest
+    from edgetune.runtime.backend import open_backend
+
+    manifest = read_manifest(a["bundle"], verify=False)
+    backend = open_backend("ort-training", Path(a["bundle"]), manifest, threads=a["threads"])
+    data = make_batch(manifest.base_model["config"]["vocab_size"], a["batch"], a["seq"], a["prompt_fraction"])
+
+    def step() -> float:
+        loss = backend.train_step(data)
+        backend.optimizer_step(LEARNING_RATE)
+        return loss
+
+    result = measure(step, a["warmup"], a["steps"])
+    result["torch_imported"] = "torch" in sys.modules  # the device half must not carry torch's memory
+    return result
+
+
+def run_torch(a: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(a["threads"])
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.export.sources import resolve_source
+
+    # As edgetune's exporter loads it (edgetune/export/sources.py), without the tokenizer and the
+    # ONNX-export checks, which would only add to this process's memory.
+    source = resolve_source(a["model"])
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(source.folder, attn_implementation="eager", dtype=torch.float32,
+                                                 use_cache=False, **kwargs)
+    lora = a["lora"]
+    model = get_peft_model(model, LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=list(lora["targets"]),
+                                             lora_dropout=0.0, use_rslora=lora.get("use_rslora", False),
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    adamw = a["adamw"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE,
+                            betas=tuple(adamw["betas"]), eps=adamw["eps"], weight_decay=adamw["weight_decay"])
+    data = {k: torch.from_numpy(v) for k, v in
+            make_batch(model.config.vocab_size, a["batch"], a["seq"], a["prompt_fraction"]).items()}
+
+    def step() -> float:
+        loss = model(**data).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    result = measure(step, a["warmup"], a["steps"])
+    result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return result
+
+
+def run_gemm(a: dict) -> dict:
+    """An n x n @ n x n fp32 MatMul in a plain ONNX Runtime session: the machine's reachable GEMM rate."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from edgetune.runtime.ort_backend import session_options
+    from edgetune.runtime.ort_import import onnxruntime
+
+    ort = onnxruntime()
+    n = a["n"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    # The same threading as the ort-training backend's sessions.
+    session = ort.InferenceSession(model.SerializeToString(), session_options(a["threads"]),
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {x: rng.random((n, n), dtype=np.float32) for x in "ab"}
+
+    for _ in range(2):  # warm-up
+        session.run(None, feeds)
+    with Window() as window:
+        times = timed(lambda: session.run(None, feeds), a["runs"], [])
+    return {"times": times, "flop": 2 * n ** 3, **window.result()}
+
+
+WORKERS = {"edgetune": run_edgetune, "torch": run_torch, "gemm": run_gemm}
+
+if __name__ == "__main__":
+    kind, args = sys.argv[1], json.loads(sys.argv[2])
+    print("RESULT " + json.dumps(WORKERS[kind](args)), flush=True)
