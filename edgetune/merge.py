@@ -32,6 +32,7 @@ EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes of weights; protobuf cannot seriali
 def merge_adapter(bundle_dir: Path | str, manifest: Manifest, adapter: dict[str, np.ndarray], out_path: Path | str) -> None:
     """Write ``out_path``: the bundle's generation graph with ``adapter`` (graph_name -> array) folded in."""
     from edgetune.methods import config_from_dict
+    from edgetune.runtime.adapter_source import check_adapter
 
     info = manifest.generation
     if info is None:
@@ -39,12 +40,7 @@ def merge_adapter(bundle_dir: Path | str, manifest: Manifest, adapter: dict[str,
     if manifest.method.get("name") != "lora":
         raise BundleError(f"merging needs a LoRA bundle; this bundle's method is {manifest.method.get('name')!r}.")
     scaling = config_from_dict("lora", manifest.method["config"]).scaling
-    shapes = {t.graph_name: tuple(t.shape) for t in manifest.trainable}
-    problems = [f"{g} is missing" for g in info.adapter_inputs.values() if g not in adapter]
-    problems += [f"{g} has shape {np.shape(adapter[g])}, the bundle expects {shapes[g]}"
-                 for g in info.adapter_inputs.values() if g in adapter and g in shapes and np.shape(adapter[g]) != shapes[g]]
-    if problems:
-        raise BundleError(f"the adapter does not fit this bundle: {'; '.join(problems)}. Use an adapter trained for it.")
+    check_adapter(manifest, adapter)
     path = Path(bundle_dir) / info.file
     if not path.is_file():
         raise BundleError(f"bundle {str(bundle_dir)!r} is missing its generation graph {info.file}; copy or re-export it.")

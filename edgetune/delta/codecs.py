@@ -1,59 +1,162 @@
-"""Tensor codecs for deltas: fp32 (exact), fp16, int8 with one fp32 scale per row.
+"""Tensor codecs for deltas: fp32 (exact), fp16, int8 with one scale per row.
 
-``encode(name, x, codec)`` returns the payload entries for one tensor; ``decode`` rebuilds a
-float32 array. int8 is symmetric per row: a 2-D tensor (rows, cols) gets scale_r ~= max|x_r| / 127, stored as
-fp16 rounded up (so |x| <= 127 * scale_r still holds), and q = round(x / scale_r) in [-127, 127];
-the error of each value is at most scale_r / 2. fp16 scales matter for LoRA's B (out, r): with
-r = 8 values a row, fp32 scales would add 50 % to the payload, fp16 ones add 25 %.
-A 1-D tensor is one row.
+``encode(name, x, codec)`` returns the payload entries of one tensor (safetensors key -> array);
+``decode(name, entries, codec)`` rebuilds a float32 array of the same shape. Stated error bounds
+(what ``tests/test_delta_format.py`` checks):
+
+* ``fp32``: bit-exact.
+* ``fp16``: every value within 2^-11 of itself, relatively (float16 round-to-nearest), for values
+  in float16's normal range (|x| >= 2^-14); below that, within 2^-25 absolutely. |x| > 65504 is
+  refused when encoding.
+* ``int8``: symmetric per row. A tensor of shape (rows, *rest) is viewed as (rows, prod(rest));
+  a 1-D or 0-D tensor is one row. scale_r = max|x_r| / 127 (1 for an all-zero row),
+  q = round(x / scale_r) clipped to [-127, 127], so every value is within scale_r / 2 of itself.
+
+int8 scales are stored as float16, rounded up (so |x| <= 127 * scale_r still holds), whenever
+that costs at most 1/64 of the resolution on every row; otherwise the tensor keeps float32
+scales. fp16 scales matter for LoRA's B (out, r): with r = 8 values a row, float32 scales add 50 %
+to the int8 payload, float16 ones 25 %. The fallback covers rows so small that float16 would
+round their scale up a lot (max|x_r| below ~5e-4, e.g. a diff after a tiny step) or so large it
+would overflow (max|x_r| > 8.3e6). Readers accept either scale dtype.
+
+New codecs slot in with ``register(Codec(...))``; the header records each tensor's codec name.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
+from edgetune.errors import DeltaError
+
 SCALE_SUFFIX = ".__scale__"
+FP16_MAX = 65504.0
+_SCALE_SLACK = 1.0 + 1.0 / 64  # largest accepted stored/ideal ratio of an fp16 scale
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One way to store a float32 tensor. ``encode(name, x)`` gets a finite float32 array."""
+
+    name: str
+    encode: Callable[[str, np.ndarray], dict[str, np.ndarray]]
+    decode: Callable[[str, dict[str, np.ndarray]], np.ndarray]
+    payload_keys: Callable[[str], tuple[str, ...]]  # the safetensors keys one tensor owns
+    bound: str  # the stated error bound, in words (docs, `delta inspect`)
+
+
+CODECS: dict[str, Codec] = {}
+
+
+def register(codec: Codec) -> Codec:
+    CODECS[codec.name] = codec
+    return codec
+
+
+def get(codec: str) -> Codec:
+    try:
+        return CODECS[codec]
+    except (KeyError, TypeError):
+        raise DeltaError(f"unknown codec {codec!r}; choose one of: {', '.join(CODECS)}.") from None
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
-    return x.reshape(1, -1) if x.ndim <= 1 else x.reshape(x.shape[0], -1)
+    """(rows, cols) view: first axis = rows, the rest flattened; 0-D and 1-D tensors are one row."""
+    if x.ndim <= 1:
+        return x.reshape(1, x.size)
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
 
+
+def _entry(name: str, entries: dict, key: str, dtypes: tuple) -> np.ndarray:
+    if key not in entries:
+        raise DeltaError(f"{name}: payload entry {key!r} is missing")
+    a = entries[key]
+    if a.dtype not in dtypes:
+        raise DeltaError(f"{name}: payload entry {key!r} has dtype {a.dtype}, expected {' or '.join(map(str, dtypes))}")
+    return a
+
+
+# --- fp32 / fp16: plain casts -------------------------------------------------------------------
+
+def _encode_fp32(name: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: x}
+
+
+def _encode_fp16(name: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    amax = float(np.abs(x).max(initial=0.0))
+    if amax > FP16_MAX:
+        raise DeltaError(f"{name}: values up to {amax:.3g} do not fit float16 (largest 65504); "
+                         "use codec int8 or fp32.")
+    return {name: x.astype(np.float16)}
+
+
+def _plain_decoder(dtype):
+    def decode(name: str, entries: dict[str, np.ndarray]) -> np.ndarray:
+        return _entry(name, entries, name, (np.dtype(dtype),)).astype(np.float32)
+
+    return decode
+
+
+# --- int8: symmetric, one scale per row ---------------------------------------------------------
 
 def _encode_int8(name: str, x: np.ndarray) -> dict[str, np.ndarray]:
-    rows = _rows(x)
-    amax = np.abs(rows).max(axis=1)
-    scale32 = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)  # all-zero rows: any scale works
-    scale = scale32.astype(np.float16)
-    low = scale.astype(np.float32) < scale32
-    scale[low] = np.nextafter(scale[low], np.float16(np.inf))  # round up: no value falls outside +-127 steps
-    q = np.clip(np.rint(rows / scale.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
+    rows = _rows(x)  # (R, C)
+    amax = np.abs(rows).max(axis=1, initial=0.0)  # (R,)
+    tiny = np.finfo(np.float32).smallest_subnormal  # amax / 127 must not underflow to 0
+    ideal = np.where(amax > 0, np.maximum(amax / np.float32(127.0), tiny), 1.0).astype(np.float32)  # zero row: any
+    with np.errstate(over="ignore"):
+        half = ideal.astype(np.float16)
+    low = half.astype(np.float32) < ideal
+    half[low] = np.nextafter(half[low], np.float16(np.inf))  # round up: no value falls beyond 127 steps
+    stored = half.astype(np.float32)
+    compact = bool(np.all(np.isfinite(stored)) and np.all(stored <= ideal * _SCALE_SLACK))
+    scale = half if compact else ideal
+    q = np.clip(np.rint(rows / scale.astype(np.float32)[:, None]), -127, 127).astype(np.int8)  # (R, C)
     return {name: q.reshape(x.shape), name + SCALE_SUFFIX: scale}
 
 
 def _decode_int8(name: str, entries: dict[str, np.ndarray]) -> np.ndarray:
-    q = entries[name]
-    scale = entries[name + SCALE_SUFFIX].astype(np.float32)
-    return (_rows(q).astype(np.float32) * scale[:, None]).reshape(q.shape)
+    q = _entry(name, entries, name, (np.dtype(np.int8),))
+    scale = _entry(name, entries, name + SCALE_SUFFIX, (np.dtype(np.float16), np.dtype(np.float32)))
+    rows = _rows(q)
+    if scale.shape != (rows.shape[0],):
+        raise DeltaError(f"{name}: {scale.shape[0] if scale.ndim == 1 else scale.shape} scales for "
+                         f"{rows.shape[0]} rows")
+    if not np.isfinite(scale).all():
+        raise DeltaError(f"{name}: its int8 scales are not finite")
+    return (rows.astype(np.float32) * scale.astype(np.float32)[:, None]).reshape(q.shape)
 
 
-CODECS = {
-    "fp32": (lambda n, x: {n: x.astype(np.float32)}, lambda n, e: e[n].astype(np.float32), 4),
-    "fp16": (lambda n, x: {n: x.astype(np.float16)}, lambda n, e: e[n].astype(np.float32), 2),
-    "int8": (_encode_int8, _decode_int8, 1),
-}
+register(Codec("fp32", _encode_fp32, _plain_decoder(np.float32), lambda n: (n,), "bit-exact"))
+register(Codec("fp16", _encode_fp16, _plain_decoder(np.float16), lambda n: (n,),
+               "relative 2^-11 per value (absolute 2^-25 below 2^-14)"))
+register(Codec("int8", _encode_int8, _decode_int8, lambda n: (n, n + SCALE_SUFFIX),
+               "half a step per value: scale_r / 2, scale_r ~= max|row| / 127"))
 
 
-def encode(name: str, x: np.ndarray, codec: str) -> dict[str, np.ndarray]:
-    return CODECS[codec][0](name, np.asarray(x, dtype=np.float32))
+def encode(name: str, array: np.ndarray, codec: str) -> dict[str, np.ndarray]:
+    """Payload entries for one tensor; refuses unknown codecs, non-numbers and NaN/Inf."""
+    c = get(codec)
+    a = np.asarray(array)
+    if a.dtype.kind not in "biuf":
+        raise DeltaError(f"{name}: dtype {a.dtype} is not a real number type; give float32 values.")
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise DeltaError(f"{name}: NaN or Inf values (or beyond float32's range); refusing to encode it.")
+    return c.encode(name, x)
 
 
 def decode(name: str, entries: dict[str, np.ndarray], codec: str) -> np.ndarray:
-    return CODECS[codec][1](name, entries)
+    """float32 array of tensor ``name`` from the payload ``entries``; DeltaError if they do not fit."""
+    return get(codec).decode(name, entries)
 
 
 def reconstruction_error(original: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
-    """max |x - x'| and ||x - x'|| / ||x|| (0 for an all-zero tensor decoded exactly)."""
-    diff = (decoded - original).astype(np.float64)
-    norm = float(np.linalg.norm(original))
-    return {"max_abs": float(np.abs(diff).max(initial=0.0)),
-            "rel_l2": float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff))}
+    """``max_abs`` = max |x - x'|; ``rel_l2`` = ||x - x'|| / ||x|| (||x - x'|| for an all-zero x)."""
+    d = np.asarray(decoded, dtype=np.float64) - np.asarray(original, dtype=np.float64)
+    norm = float(np.linalg.norm(np.asarray(original, dtype=np.float64)))
+    err = float(np.linalg.norm(d))
+    return {"max_abs": float(np.abs(d).max(initial=0.0)), "rel_l2": err / norm if norm > 0 else err}

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetune.bundle import Manifest
+from edgetune.errors import BundleError
 from edgetune.runtime.ort_import import training_api
 from edgetune.runtime.state import STATE_DIR, StateDir
 
@@ -34,6 +35,18 @@ def initial_adapter(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """The trainable tensors as exported, read from the bundle's ORT checkpoint."""
     state = training_api().CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
     return {t.graph_name: np.array(state.parameters[t.graph_name].data, dtype=np.float32) for t in manifest.trainable}
+
+
+def check_adapter(manifest: Manifest, adapter: dict[str, np.ndarray]) -> None:
+    """Refuse an adapter (graph name -> array) that misses a tensor or has a wrong shape; all problems at once."""
+    problems = []
+    for t in manifest.trainable:
+        if t.graph_name not in adapter:
+            problems.append(f"{t.graph_name} is missing")
+        elif np.shape(adapter[t.graph_name]) != tuple(t.shape):
+            problems.append(f"{t.graph_name} has shape {np.shape(adapter[t.graph_name])}, the bundle expects {tuple(t.shape)}")
+    if problems:
+        raise BundleError(f"the adapter does not fit this bundle: {'; '.join(problems)}. Use an adapter trained for it.")
 
 
 def disabled(manifest: Manifest) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from edgetune.bundle import Manifest
 from edgetune.errors import BundleError, EdgetuneError
+from edgetune.runtime.adapter_source import check_adapter
 from edgetune.runtime.ort_import import onnxruntime
 
 
@@ -40,7 +41,7 @@ class Generator:
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.info = info
-        self.shapes = {t.graph_name: tuple(t.shape) for t in manifest.trainable}
+        self.manifest = manifest
         names = {i.name for i in self.session.get_inputs()}
         absent = [n for n in (*info.past_inputs, *info.adapter_inputs) if n not in names]
         if absent:
@@ -88,21 +89,9 @@ class Generator:
 
     # --- internals ----------------------------------------------------------------------------
     def _adapter_feeds(self, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """generation-input name -> contiguous float32; every problem is reported in one error."""
-        feeds, problems = {}, []
-        for input_name, graph_name in self.info.adapter_inputs.items():
-            if graph_name not in adapter:
-                problems.append(f"{graph_name} is missing")
-                continue
-            value = np.ascontiguousarray(adapter[graph_name], dtype=np.float32)
-            expected = self.shapes.get(graph_name, value.shape)
-            if value.shape != tuple(expected):
-                problems.append(f"{graph_name} has shape {value.shape}, the bundle expects {tuple(expected)}")
-            feeds[input_name] = value
-        if problems:
-            raise BundleError(f"the adapter does not fit this bundle: {'; '.join(problems)}. "
-                              "Use an adapter trained for this bundle (or the disabled adapter).")
-        return feeds
+        """generation-input name -> contiguous float32, after checking every tensor's presence and shape."""
+        check_adapter(self.manifest, adapter)
+        return {name: np.ascontiguousarray(adapter[g], dtype=np.float32) for name, g in self.info.adapter_inputs.items()}
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.info.num_kv_heads, 0, self.info.head_dim)  # (B, kv_heads, past=0, head_dim)

@@ -7,7 +7,6 @@ same weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 
 
 
-from edgetune.bundle import read_manifest
+from edgetune.bundle import read_manifest, sha256_file
 from edgetune.errors import EdgetuneError, TrainingError
 from edgetune.runtime.backend import open_backend
 from edgetune.runtime.batches import BatchPlan, pad_batch
@@ -76,10 +75,6 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def train(bundle: Path, opts: TrainOptions, progress: bool = True, log=print) -> TrainResult:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
@@ -99,7 +94,7 @@ def train(bundle: Path, opts: TrainOptions, progress: bool = True, log=print) ->
     plan = BatchPlan(len(examples), opts.batch_size, opts.seed)
     per_epoch = math.ceil(plan.batches_per_epoch / opts.grad_accum)
     total = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * per_epoch))
-    identity = {"data_sha256": file_sha256(opts.data), "seed": opts.seed, "batch_size": opts.batch_size,
+    identity = {"data_sha256": sha256_file(opts.data), "seed": opts.seed, "batch_size": opts.batch_size,
                 "grad_accum": opts.grad_accum, "max_seq_len": opts.max_seq_len, "total_steps": total,
                 "lr": opts.lr, "warmup": opts.warmup}
     start = 0
