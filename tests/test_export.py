@@ -42,8 +42,10 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-@pytest.mark.parametrize("random_b", [False, True], ids=["exported-init", "nonzero-B"])
-def test_one_adamw_step_matches_peft(tiny_bundle, tiny_model_dir, random_b):
+@pytest.mark.parametrize("random_b, lora", [(False, {}), (True, {}), (True, {"use_rslora": True, "rank": 4, "targets": ("q_proj", "o_proj", "down_proj")})],
+                         ids=["exported-init", "nonzero-B", "rslora-r4-other-targets"])
+def test_one_adamw_step_matches_peft(export_tiny, tiny_model_dir, random_b, lora):
+    tiny_bundle = export_tiny(quantize="none", **lora)
     manifest = read_manifest(tiny_bundle)
     batch, lr = _batch(manifest), 1e-3
     start = None
