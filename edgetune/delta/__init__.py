@@ -1,11 +1,16 @@
-"""Adapter deltas: what a device ships. No torch: used on devices and on the collector."""
+"""Adapter deltas: what a device ships. No torch: used on devices and on the collector.
 
-from edgetune.delta.codecs import CODECS, reconstruction_error
+The ``.etd`` container is described in docs/delta-format.md.
+"""
+
+from edgetune.delta.codecs import CODECS, Codec, reconstruction_error, register as register_codec
 from edgetune.delta.compat import apply_diff, check_compatible, diff
 from edgetune.delta.describe import describe
-from edgetune.delta.format import FORMAT_VERSION, Delta, encode_delta, read_delta, write_delta
-from edgetune.delta.signing import fingerprint_file, generate_keypair, load_private_key, load_public_keys
+from edgetune.delta.format import FORMAT_VERSION, KINDS, MAGIC, Delta, encode_delta, read_delta, write_delta
+from edgetune.delta.signing import (fingerprint, fingerprint_file, generate_keypair, load_private_key,
+                                    load_public_key, load_public_keys)
 
-__all__ = ["CODECS", "FORMAT_VERSION", "Delta", "apply_diff", "check_compatible", "describe", "diff", "encode_delta",
-           "fingerprint_file", "generate_keypair", "load_private_key", "load_public_keys", "read_delta",
-           "reconstruction_error", "write_delta"]
+__all__ = ["CODECS", "FORMAT_VERSION", "KINDS", "MAGIC", "Codec", "Delta", "apply_diff", "check_compatible",
+           "describe", "diff", "encode_delta", "fingerprint", "fingerprint_file", "generate_keypair",
+           "load_private_key", "load_public_key", "load_public_keys", "read_delta", "reconstruction_error",
+           "register_codec", "write_delta"]

@@ -143,7 +143,8 @@ def encode(name: str, array: np.ndarray, codec: str) -> dict[str, np.ndarray]:
     if a.dtype.kind not in "biuf":
         raise DeltaError(f"{name}: dtype {a.dtype} is not a real number type; give float32 values.")
     with np.errstate(over="ignore"):
-        x = np.ascontiguousarray(a, dtype=np.float32)
+        x = np.asarray(a, dtype=np.float32)
+    x = x if x.flags.c_contiguous else x.copy(order="C")  # (not ascontiguousarray: it makes 0-D arrays 1-D)
     if not np.isfinite(x).all():
         raise DeltaError(f"{name}: NaN or Inf values (or beyond float32's range); refusing to encode it.")
     return c.encode(name, x)
@@ -152,6 +153,50 @@ def encode(name: str, array: np.ndarray, codec: str) -> dict[str, np.ndarray]:
 def decode(name: str, entries: dict[str, np.ndarray], codec: str) -> np.ndarray:
     """float32 array of tensor ``name`` from the payload ``entries``; DeltaError if they do not fit."""
     return get(codec).decode(name, entries)
+
+
+def encode_tensors(tensors: dict, codec: str, problems: list[str]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """(payload entries, the header's tensor list sorted by name) for every tensor; appends problems."""
+    if not isinstance(tensors, dict):
+        problems.append(f"`tensors` must be a dict name -> array, got {type(tensors).__name__}")
+        return {}, []
+    payload, listing, owner = {}, [], {}
+    for name in sorted(tensors, key=str):
+        if not isinstance(name, str) or not name:
+            problems.append(f"tensor names must be non-empty strings, got {name!r}")
+            continue
+        try:
+            entries = encode(name, tensors[name], codec)
+        except DeltaError as exc:
+            problems.append(str(exc).rstrip("."))
+            continue
+        for key in sorted(set(entries) & set(owner)):  # e.g. tensors "w" and "w.__scale__" under int8
+            problems.append(f"payload key {key!r} of tensor {name} is also used by tensor {owner[key]}; rename one")
+        owner.update(dict.fromkeys(entries, name))
+        payload.update(entries)
+        original = np.asarray(tensors[name], dtype=np.float32)
+        listing.append({"name": name, "shape": list(original.shape), "dtype": "float32", "codec": codec,
+                        "payload_keys": sorted(entries),
+                        "error": reconstruction_error(original, decode(name, entries, codec))})
+    return payload, listing
+
+
+def decode_tensors(listing: list[dict], entries: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(name -> float32 array, problems) for a header's tensor list; also flags unlisted entries."""
+    tensors, problems = {}, []
+    for info in listing:
+        try:
+            x = decode(info["name"], entries, info["codec"])
+        except DeltaError as exc:
+            problems.append(str(exc).rstrip("."))
+            continue
+        if list(x.shape) != info["shape"]:
+            problems.append(f"{info['name']}: payload shape {list(x.shape)} != header shape {info['shape']}")
+        tensors[info["name"]] = x
+    unlisted = set(entries) - {k for info in listing for k in info["payload_keys"]}
+    if unlisted:
+        problems.append(f"payload entries not in the header: {', '.join(sorted(unlisted))}")
+    return tensors, problems
 
 
 def reconstruction_error(original: np.ndarray, decoded: np.ndarray) -> dict[str, float]:

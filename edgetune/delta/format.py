@@ -1,22 +1,28 @@
-"""The ``.etd`` delta container (format version 1; documented in docs/delta-format.md).
+"""The ``.etd`` delta container, format version 1 (the full description: docs/delta-format.md).
 
     magic      8 bytes   b"ETDELTA\\0"
     version    u32 LE    1
-    header     u64 LE length + UTF-8 JSON (sorted keys)
-    payload    u64 LE length + safetensors bytes (the encoded tensors)
-    checksum   32 bytes  SHA-256 of everything above
-    signature  optional: u16 LE length (96) + 32-byte Ed25519 public key + 64-byte signature of the checksum
+    header     u64 LE length n + n bytes of UTF-8 JSON (sorted keys)
+    payload    u64 LE length m + m bytes of safetensors (the encoded tensors; empty when m = 0)
+    checksum   32 bytes  SHA-256 of every byte above
+    signature  optional: u16 LE length (96) + 32-byte raw Ed25519 public key + 64-byte signature of the checksum
 
-Writing is atomic (temp file in the same folder, fsync, rename): a killed process or a full disk
-never leaves a half file under the final name.
+A reader checks the framing, then the checksum, then the signature, and only then parses the
+header and payload; it decodes every tensor and refuses NaN/Inf. Writing is atomic (temp file in
+the same folder, fsync, os.replace): a killed process or a full disk never leaves a half file
+under the final name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
+import math
+import operator
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -31,158 +37,284 @@ from edgetune.errors import DeltaError
 MAGIC = b"ETDELTA\0"
 FORMAT_VERSION = 1
 KINDS = ("full", "diff")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HEADER_TYPES = {"format_version": int, "base_model_sha256": str, "method": dict, "kind": str,
+                 "since_sha256": (str, type(None)), "codec": str, "tensors": list, "num_examples": int,
+                 "round_id": (str, type(None)), "metrics": dict, "created_at": str, "producer": dict}
+
+
+def _header_field(key: str) -> property:
+    return property(lambda self: self.header[key], doc=f"The header's ``{key}``.")
 
 
 @dataclass
 class Delta:
-    header: dict
-    tensors: dict[str, np.ndarray]  # decoded float32, by PEFT key
-    sha256: str
-    signer_fingerprint: str | None = None
-    signature_status: str = "unsigned"  # unsigned | valid | valid, trusted key
-    size: int = 0
-    payload_sizes: dict[str, int] = field(default_factory=dict)
+    """A verified, decoded delta. Header fields are read-only attributes (``delta.kind``, ...).
 
-    def __getattr__(self, name):  # header fields as attributes: delta.kind, delta.codec, ...
-        header = self.__dict__.get("header", {})
-        if name in header:
-            return header[name]
-        raise AttributeError(name)
+    ``signature_status``: "unsigned"; "valid" (the signature verifies, no trusted keys were
+    given); "valid, trusted key" (it verifies and its key is among the trusted ones).
+    """
+
+    header: dict
+    tensors: dict[str, np.ndarray]  # name (PEFT key) -> decoded float32 array of the header's shape
+    sha256: str  # hex checksum of the file (what a diff's since_sha256 names)
+    signer_fingerprint: str | None = None
+    signature_status: str = "unsigned"
+    size: int = 0  # bytes of the whole file
+    payload_sizes: dict[str, int] = field(default_factory=dict)  # name -> encoded bytes
+
+    format_version = _header_field("format_version")
+    base_model_sha256 = _header_field("base_model_sha256")
+    method = _header_field("method")
+    kind = _header_field("kind")
+    since_sha256 = _header_field("since_sha256")
+    codec = _header_field("codec")
+    tensor_info = _header_field("tensors")  # [{name, shape, dtype, codec, payload_keys, error}]
+    num_examples = _header_field("num_examples")
+    round_id = _header_field("round_id")
+    metrics = _header_field("metrics")
+    created_at = _header_field("created_at")
+    producer = _header_field("producer")
 
 
 def encode_delta(tensors: dict[str, np.ndarray], *, base_model_sha256: str, method: dict, codec: str = "fp16",
                  kind: str = "full", since_sha256: str | None = None, num_examples: int = 0,
                  round_id: str | None = None, metrics: dict | None = None, signing_key=None,
                  producer: dict | None = None) -> bytes:
+    """The bytes of a delta file. Every problem with the arguments is reported in one DeltaError."""
     from safetensors.numpy import save
 
-    if codec not in codecs.CODECS:
-        raise DeltaError(f"unknown codec {codec!r}; choose one of: {', '.join(codecs.CODECS)}.")
-    if kind not in KINDS:
-        raise DeltaError(f"unknown delta kind {kind!r}; choose one of: {', '.join(KINDS)}.")
-    _refuse_non_finite(tensors, "the adapter to ship")
-    payload, listing = {}, []
-    for name in sorted(tensors):
-        x = np.asarray(tensors[name], dtype=np.float32)
-        entries = codecs.encode(name, x, codec)
-        payload.update(entries)
-        listing.append({"name": name, "shape": list(x.shape), "dtype": "float32", "codec": codec,
-                        "payload_keys": sorted(entries),
-                        "error": codecs.reconstruction_error(x, codecs.decode(name, entries, codec))})
+    from edgetune import __version__
+
+    problems = _argument_problems(base_model_sha256, method, codec, kind, since_sha256, round_id)
+    num_examples, metrics = _numbers(num_examples, metrics, problems)
+    if producer is not None and not isinstance(producer, dict):
+        problems.append(f"`producer` must be a dict, got {type(producer).__name__}")
+    payload, listing = codecs.encode_tensors(tensors, codec, problems) if codec in codecs.CODECS else ({}, [])
+    if problems:
+        raise DeltaError("cannot write the delta: " + "; ".join(problems) + ".")
     header = {
         "format_version": FORMAT_VERSION, "base_model_sha256": base_model_sha256, "method": method,
         "kind": kind, "since_sha256": since_sha256, "codec": codec, "tensors": listing,
-        "num_examples": int(num_examples), "round_id": round_id, "metrics": dict(metrics or {}),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "producer": dict(producer or {}),
+        "num_examples": num_examples, "round_id": round_id, "metrics": metrics,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "producer": {"edgetune": __version__, **(producer or {})},
     }
-    head = json.dumps(header, sort_keys=True).encode()
+    try:
+        head = json.dumps(header, sort_keys=True, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise DeltaError(f"cannot write the delta: `method` or `producer` is not plain JSON ({exc}).") from None
     body = save(payload) if payload else b""
-    blob = MAGIC + struct.pack("<I", FORMAT_VERSION) + struct.pack("<Q", len(head)) + head + struct.pack("<Q", len(body)) + body
+    blob = b"".join([MAGIC, struct.pack("<IQ", FORMAT_VERSION, len(head)), head, struct.pack("<Q", len(body)), body])
     digest = hashlib.sha256(blob).digest()
-    out = blob + digest
-    if signing_key is not None:
-        public, signature = signing.sign(digest, signing_key)
-        out += struct.pack("<H", len(public) + len(signature)) + public + signature
-    return out
+    if signing_key is None:
+        return blob + digest
+    public, signature = signing.sign(digest, signing_key)
+    return blob + digest + struct.pack("<H", len(public) + len(signature)) + public + signature
 
 
-def write_delta(path: Path, tensors: dict[str, np.ndarray], **kwargs) -> int:
-    """Encode and write atomically; returns the file size."""
-    data = encode_delta(tensors, **kwargs)
+def _argument_problems(base, method, codec, kind, since, round_id) -> list[str]:
+    problems = []
+    if not (isinstance(base, str) and _SHA256.fullmatch(base)):
+        problems.append(f"`base_model_sha256` must be 64 lowercase hex digits, got {base!r}")
+    if not (isinstance(method, dict) and isinstance(method.get("name"), str) and isinstance(method.get("config"), dict)):
+        problems.append(f"`method` must be {{'name': str, 'config': dict}}, got {method!r}")
+    if codec not in codecs.CODECS:
+        problems.append(f"unknown codec {codec!r} (choose one of: {', '.join(codecs.CODECS)})")
+    if kind not in KINDS:
+        problems.append(f"unknown kind {kind!r} (choose one of: {', '.join(KINDS)})")
+    elif kind == "diff" and not (isinstance(since, str) and _SHA256.fullmatch(since)):
+        problems.append(f"a diff needs `since_sha256`, the checksum of the delta it is relative to, got {since!r}")
+    elif kind == "full" and since is not None:
+        problems.append("`since_sha256` is only for kind 'diff'; a full delta has none")
+    if round_id is not None and not isinstance(round_id, str):
+        problems.append(f"`round_id` must be a string or None, got {round_id!r}")
+    return problems
+
+
+def _numbers(num_examples, metrics, problems: list[str]) -> tuple[int, dict[str, float]]:
+    """num_examples as an int >= 0 and metrics as {str: finite float}; appends problems."""
+    try:
+        n = -1 if isinstance(num_examples, bool) else operator.index(num_examples)  # numpy ints too, not 3.0
+    except TypeError:
+        n = -1
+    if n < 0:
+        problems.append(f"`num_examples` must be a whole number >= 0, got {num_examples!r}")
+    if not isinstance(metrics or {}, dict):
+        problems.append(f"`metrics` must be a dict of numbers, got {type(metrics).__name__}")
+        return n, {}
+    out = {}
+    for key, value in (metrics or {}).items():
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            out[str(key)] = math.nan
+        if not math.isfinite(out[str(key)]):
+            problems.append(f"metric {key!r} must be a finite number, got {value!r}")
+    return n, out
+
+
+def write_delta(path: Path | str, tensors: dict[str, np.ndarray], **kwargs) -> int:
+    """Encode (``kwargs`` as for ``encode_delta``) and write atomically; returns the file size.
+
+    On any OSError the final path is untouched (an older file there stays as it was) and the temp
+    file is removed; the DeltaError says why and that nothing was written.
+    """
+    data = encode_delta(tensors, **kwargs)  # refuse bad input before touching the disk
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever collects the file
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # mkstemp's 0600 would surprise whoever collects the file
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
-        if exc.errno == errno.ENOSPC:
-            raise DeltaError(f"the disk is full while writing {path}; nothing was written. Free space and run again.") from None
-        raise
+        raise DeltaError(_write_failure(path, exc)) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    with contextlib.suppress(OSError, AttributeError):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     return len(data)
 
 
-def read_delta(source: Path | bytes, *, trusted_keys: dict | None = None, require_signature: bool = False) -> Delta:
-    """Parse, verify (checksum, signature) and decode a delta. Every refusal is a DeltaError."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_failure(path: Path, exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"the disk is full: cannot write {path}; nothing was written. Free some space and run again."
+    if exc.errno == errno.ENOENT and not path.parent.is_dir():
+        return f"cannot write {path}: folder {path.parent} does not exist; nothing was written. Create it first."
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: {exc.strerror}; nothing was written. Choose a writable folder."
+    return f"cannot write {path}: {exc.strerror or exc}; nothing was written."
+
+
+def read_delta(source: Path | str | bytes, *, trusted_keys: dict | None = None,
+               require_signature: bool = False) -> Delta:
+    """Parse, verify (checksum, signature) and decode a delta. Every refusal is a DeltaError.
+
+    ``trusted_keys`` (fingerprint -> public key, from ``load_public_keys``): when given, a signed
+    delta must be signed by one of them. ``require_signature``: refuse unsigned deltas.
+    """
     from safetensors.numpy import load
 
-    where = "delta" if isinstance(source, (bytes, bytearray)) else str(source)
-    if isinstance(source, (bytes, bytearray)):
-        data = bytes(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        where, data = "delta", bytes(source)
     else:
+        where = str(source)
         try:
             data = Path(source).read_bytes()
         except OSError as exc:
-            raise DeltaError(f"{where}: cannot read ({exc.strerror}); give a delta file from `edgetune delta`.") from None
-    if not data.startswith(MAGIC):
-        raise DeltaError(f"{where}: not an edgetune delta (bad magic bytes).")
+            raise DeltaError(f"{where}: cannot read it ({exc.strerror or exc}); give a delta file written by "
+                             "`edgetune delta`.") from None
+    version, head, body, signed_end = _frame(data, where)
+    digest = data[signed_end - 32:signed_end]
+    actual = hashlib.sha256(data[:signed_end - 32]).digest()
+    if actual != digest:
+        raise DeltaError(f"{where}: file is corrupt or was modified: checksum {actual.hex()[:16]}… of its content "
+                         f"does not match the recorded {digest.hex()[:16]}…; copy it again from its source.")
+    fingerprint, status = _check_signature(where, digest, data[signed_end:], trusted_keys, require_signature)
     try:
-        (version,) = struct.unpack_from("<I", data, 8)
-        if version != FORMAT_VERSION:
-            raise DeltaError(f"{where}: delta format version {version} is not supported (this edgetune reads {FORMAT_VERSION}); upgrade edgetune.")
-        (head_len,) = struct.unpack_from("<Q", data, 12)
-        head_end = 20 + head_len
-        (body_len,) = struct.unpack_from("<Q", data, head_end)
-        body_end = head_end + 8 + body_len
-        digest = data[body_end:body_end + 32]
-        if len(digest) != 32:
-            raise struct.error("short")
-    except struct.error:
-        raise DeltaError(f"{where}: the file is truncated; copy it again.") from None
-    if hashlib.sha256(data[:body_end]).digest() != digest:
-        raise DeltaError(f"{where}: checksum mismatch: the file is corrupt or was modified; copy it again.")
-    fingerprint, status = _check_signature(where, digest, data[body_end + 32:], trusted_keys, require_signature)
-    header = json.loads(data[20:head_end])
-    entries = load(data[head_end + 8:body_end]) if body_len else {}
-    tensors, problems = {}, []
-    for t in header["tensors"]:
-        try:
-            x = codecs.decode(t["name"], entries, t["codec"])
-        except KeyError:
-            problems.append(f"{t['name']}: payload missing")
-            continue
-        if list(x.shape) != t["shape"]:
-            problems.append(f"{t['name']}: payload shape {list(x.shape)} != header shape {t['shape']}")
-        tensors[t["name"]] = x
+        header = json.loads(head.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DeltaError(f"{where}: the header is not UTF-8 JSON ({exc}); the file was not written by edgetune.") from None
+    _check_header(header, version, where)
+    try:
+        entries = load(body) if body else {}
+    except Exception as exc:  # safetensors' own error class is not public
+        raise DeltaError(f"{where}: the payload is not a safetensors block ({exc}).") from None
+    tensors, problems = codecs.decode_tensors(header["tensors"], entries)
     if problems:
-        raise DeltaError(f"{where}: inconsistent delta: {'; '.join(problems)}.")
-    _refuse_non_finite(tensors, where)
-    sizes = {t["name"]: sum(int(entries[k].nbytes) for k in t["payload_keys"]) for t in header["tensors"]}
+        raise DeltaError(f"{where}: the payload does not match the header: {'; '.join(problems)}.")
+    bad = sorted(name for name, x in tensors.items() if not np.isfinite(x).all())
+    if bad:
+        raise DeltaError(f"{where}: NaN or Inf values in {len(bad)} tensor(s): {', '.join(bad)}; refusing it.")
+    sizes = {info["name"]: sum(int(entries[k].nbytes) for k in info["payload_keys"]) for info in header["tensors"]}
     return Delta(header, tensors, digest.hex(), fingerprint, status, len(data), sizes)
 
 
-def _check_signature(where, digest, block, trusted_keys, require_signature):
+def _frame(data: bytes, where: str) -> tuple[int, bytes, bytes, int]:
+    """(version, header bytes, payload bytes, end of the checksum); refuses bad magic, versions, sizes."""
+    def need(n: int) -> None:
+        if len(data) < n:
+            raise DeltaError(f"{where}: the file is truncated or corrupt: it has {len(data)} bytes, its layout "
+                             f"needs at least {n}; copy it again.")
+
+    if data[:len(MAGIC)] != MAGIC[:len(data)]:  # a short prefix of the magic is a truncated file, below
+        raise DeltaError(f"{where}: not an edgetune delta (it starts with {data[:8]!r}, not {MAGIC!r}); "
+                         "give a .etd file written by `edgetune delta`.")
+    need(len(MAGIC) + 4)
+    (version,) = struct.unpack_from("<I", data, 8)
+    if version != FORMAT_VERSION:
+        raise DeltaError(f"{where}: delta format version {version} is not supported (this edgetune reads "
+                         f"{FORMAT_VERSION}); upgrade edgetune, or copy the file again if it is corrupt.")
+    need(20)
+    (head_len,) = struct.unpack_from("<Q", data, 12)
+    need(20 + head_len + 8)
+    (body_len,) = struct.unpack_from("<Q", data, 20 + head_len)
+    body_start = 28 + head_len
+    need(body_start + body_len + 32)
+    return version, data[20:20 + head_len], data[body_start:body_start + body_len], body_start + body_len + 32
+
+
+def _check_header(header, version: int, where: str) -> None:
+    """Refuse a header that lacks fields or has wrong types, listing every problem once."""
+    if not isinstance(header, dict):
+        raise DeltaError(f"{where}: the header is not a JSON object; the file was not written by edgetune.")
+    problems = [f"`{k}` missing or not {getattr(t, '__name__', 'str or null')}" for k, t in _HEADER_TYPES.items()
+                if not isinstance(header.get(k, ...), t)]
+    if not problems:
+        if header["format_version"] != version:
+            problems.append(f"format_version {header['format_version']} != the file's version {version}")
+        if header["kind"] not in KINDS or (header["kind"] == "diff") != (header["since_sha256"] is not None):
+            problems.append(f"kind {header['kind']!r} with since_sha256 {header['since_sha256']!r}")
+        names = set()
+        for i, info in enumerate(header["tensors"]):
+            ok = (isinstance(info, dict) and isinstance(info.get("name"), str) and info.get("codec") in codecs.CODECS
+                  and isinstance(info.get("shape"), list) and all(type(d) is int and d >= 0 for d in info["shape"])
+                  and isinstance(info.get("error"), dict) and info["name"] not in names)
+            if not ok or info.get("payload_keys") != sorted(codecs.CODECS[info["codec"]].payload_keys(info["name"])):
+                problems.append(f"tensor entry {i} ({info.get('name') if isinstance(info, dict) else info!r}) is "
+                                "malformed, duplicated or uses a codec this edgetune does not know")
+            else:
+                names.add(info["name"])
+    if problems:
+        raise DeltaError(f"{where}: bad header: {'; '.join(problems)}; the file was not written by this edgetune.")
+
+
+def _check_signature(where, digest, block, trusted_keys, require_signature) -> tuple[str | None, str]:
     if not block:
         if require_signature:
-            raise DeltaError(f"{where}: the delta is not signed, but a signature by a trusted key is required.")
+            raise DeltaError(f"{where}: the delta is not signed, but a signature by a trusted key is required; "
+                             "sign it with `edgetune delta --sign KEY`.")
         return None, "unsigned"
-    try:
-        (n,) = struct.unpack_from("<H", block, 0)
-        public, signature = block[2:34], block[34:2 + n]
-        if n != 96 or len(block) != 2 + n:
-            raise struct.error("size")
-    except struct.error:
-        raise DeltaError(f"{where}: the signature block is malformed or truncated.") from None
-    fingerprint = signing.fingerprint_raw(public)
+    (n,) = struct.unpack_from("<H", block + b"\0\0", 0)
+    if n != 96 or len(block) != 2 + n:
+        raise DeltaError(f"{where}: the signature block is malformed or truncated ({len(block)} bytes, expected 98).")
+    public, signature = block[2:34], block[34:]
+    fingerprint = signing.fingerprint(public)
     if not signing.verify(digest, public, signature):
         raise DeltaError(f"{where}: bad signature (key {fingerprint}); the delta was modified or forged.")
-    if trusted_keys is not None:
-        if fingerprint not in trusted_keys:
-            raise DeltaError(f"{where}: signed by unknown key {fingerprint}; it is not among the trusted keys "
-                             f"({', '.join(sorted(trusted_keys)) or 'none'}).")
-        return fingerprint, "valid, trusted key"
-    return fingerprint, "valid"
-
-
-def _refuse_non_finite(tensors: dict, where: str) -> None:
-    bad = sorted(n for n, x in tensors.items() if not np.isfinite(x).all())
-    if bad:
-        raise DeltaError(f"{where}: NaN or Inf values in {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}; refusing it.")
+    if trusted_keys is None:
+        return fingerprint, "valid"
+    trusted = trusted_keys.get(fingerprint)
+    if trusted is None or signing.raw_public(trusted) != public:  # compare keys, not just 64-bit fingerprints
+        raise DeltaError(f"{where}: signed by unknown key {fingerprint}, which is not among the trusted keys "
+                         f"({', '.join(sorted(trusted_keys)) or 'none'}); add its .pub file to the trusted keys "
+                         "if you trust that device.")
+    return fingerprint, "valid, trusted key"
