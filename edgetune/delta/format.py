@@ -15,22 +15,20 @@ under the final name.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
 import math
 import operator
-import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from edgetune.atomic import atomic_write_bytes
 from edgetune.delta import codecs, signing
 from edgetune.errors import DeltaError
 
@@ -162,36 +160,11 @@ def write_delta(path: Path | str, tensors: dict[str, np.ndarray], **kwargs) -> i
     """
     data = encode_delta(tensors, **kwargs)  # refuse bad input before touching the disk
     path = Path(path)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):  # mkstemp's 0600 would surprise whoever collects the file
-                os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write_bytes(path, data)
     except OSError as exc:
         raise DeltaError(_write_failure(path, exc)) from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    with contextlib.suppress(OSError, AttributeError):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
     return len(data)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_failure(path: Path, exc: OSError) -> str:

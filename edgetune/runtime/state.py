@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgetune.atomic import atomic_write_bytes, fsync_dir
 from edgetune.errors import TrainingError
 
 STATE_DIR = "train-state"
@@ -51,30 +52,16 @@ class Checkpoint:
         return load_file(str(self.folder / ADAPTER))
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, text.encode())
 
 
 class StateDir:
