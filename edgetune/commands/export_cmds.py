@@ -25,8 +25,19 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--quantize", default="int8", show_default=True, help="Frozen base weights: int8 (per output channel) or none (fp32).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay (baked into the optimizer graph).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the initial LoRA A matrices.")
+@click.option("--recompute", type=click.Choice(["full", "cheap", "mlp", "none"]), default="cheap", show_default=True,
+              help="Activation recompute per residual block: full keeps only the block inputs (least memory); "
+                   "cheap also keeps the frozen projections' outputs (fewer FLOPs); mlp is cheap in MLP "
+                   "blocks and full in attention blocks; none keeps every activation.")
+@click.option("--loss-chunks", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Compute the LM head and loss over label positions in this many chunks, so the "
+                   "(tokens x vocabulary) logits never exist whole.")
+@click.option("--no-memory-rewrites", is_flag=True,
+              help="Keep the training graph exactly as ONNX Runtime's gradient builder writes it "
+                   "(ignores --recompute and --loss-chunks; for comparisons).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def export(model, out, method, rank, alpha, targets, rslora, quantize, weight_decay, seed, force):
+def export(model, out, method, rank, alpha, targets, rslora, quantize, weight_decay, seed, recompute, loss_chunks,
+           no_memory_rewrites, force):
     """Export MODEL (a Hugging Face folder, a .gguf file, or a built-in name; default smollm2-135m)
     with a trainable adapter into an ONNX Runtime training bundle."""
     from edgetune.export.artifacts import AdamWSettings
@@ -38,6 +49,7 @@ def export(model, out, method, rank, alpha, targets, rslora, quantize, weight_de
         source=model, out=out, method=method,
         method_config=LoraConfig(rank=rank, alpha=alpha, targets=_targets(targets), use_rslora=rslora, seed=seed),
         quantize=quantize, force=force, adamw=AdamWSettings(weight_decay=weight_decay),
+        recompute=recompute, loss_chunks=loss_chunks, memory_rewrites=not no_memory_rewrites,
     )
     manifest = export_bundle(opts, report=lambda msg: click.echo(f"• {msg}", err=True))
     click.echo(f"wrote {out} in {manifest.producer['export_seconds']} s", err=True)

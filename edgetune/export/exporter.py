@@ -38,9 +38,18 @@ class ExportOptions:
     task: str = "causal-lm"
     force: bool = False
     adamw: AdamWSettings = field(default_factory=AdamWSettings)
+    recompute: str = "cheap"  # activation recompute per residual block (memory.RECOMPUTE_POLICIES)
+    loss_chunks: int = 8  # the LM head + loss over label positions in this many chunks (1: one piece)
+    memory_rewrites: bool = True  # False: the graphs exactly as ORT's gradient builder makes them
 
     def __post_init__(self) -> None:
+        from edgetune.export.memory import RECOMPUTE_POLICIES
+
         self.out = Path(self.out)
+        if self.recompute not in RECOMPUTE_POLICIES:
+            raise ExportError(f"unsupported --recompute {self.recompute!r}; choose one of: {', '.join(RECOMPUTE_POLICIES)}.")
+        if not 1 <= self.loss_chunks <= 256:
+            raise ExportError(f"--loss-chunks must be between 1 and 256, got {self.loss_chunks}.")
         if self.quantize not in QUANTIZATIONS:
             raise ExportError(f"unsupported quantization {self.quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}.")
         if self.task not in TASKS:
@@ -86,6 +95,8 @@ def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Pa
     from edgetune.export import artifacts
     from edgetune.export.generation_graph import export_generation_graph
     from edgetune.export.graph_cleanup import remove_zero_dropout
+    from edgetune.export.memory import optimize_artifacts
+    from edgetune.export.memory_loss import chunk_loss
     from edgetune.export.quantize import INT8_SCHEME, quantize_graph
     from edgetune.export.tokenizer_info import save_tokenizer
     from edgetune.export.training_graph import OUTPUT_NAMES, export_training_graph, graph_name
@@ -106,9 +117,15 @@ def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Pa
         report("quantizing frozen weights to int8 (per output channel)")
         names = [n for n, t in params.items() if n not in trainable_names and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
         quantized = {q.name for q in quantize_graph(graph, names)}
+    if opts.memory_rewrites:  # the loss is chunked in the forward graph, before gradients exist
+        chunk_loss(graph, OUTPUT_NAMES[0], opts.loss_chunks)
     frozen_inits = [t for t in graph.graph.initializer if t.name not in trainable_names]
     report("generating ONNX Runtime training artifacts (gradient graph, AdamW, checkpoint)")
     artifacts.generate(graph, trainable_names, [t.name for t in frozen_inits], tmp, opts.adamw)
+    memory = None
+    if opts.memory_rewrites:
+        report(f"planning memory (recompute: {opts.recompute}, loss chunks: {opts.loss_chunks})")
+        memory = optimize_artifacts(tmp, OUTPUT_NAMES[0], opts.recompute).to_dict(opts.recompute)
     report("exporting the generation graph (key/value cache, adapter as inputs)")
     generation = export_generation_graph(model, trainables, tmp / "generation_model.onnx", quantize=opts.quantize == "int8")
     tokenizer_info = save_tokenizer(tokenizer, model, tmp)
@@ -139,7 +156,7 @@ def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Pa
         outputs=list(OUTPUT_NAMES),
         tokenizer=tokenizer_info,
         generation=generation,
-        producer={"edgetune": __version__, "opset": 17},
+        producer={"edgetune": __version__, "opset": 17, "memory": memory},
     )
     write_manifest(tmp, manifest)
     return manifest

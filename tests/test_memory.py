@@ -1,0 +1,108 @@
+"""Memory rewrites (edgetune/export/memory*.py): same loss and gradients as the plain graph.
+
+Each optimised bundle is compared with one exported with ``memory_rewrites=False`` (the graph
+exactly as ONNX Runtime's gradient builder writes it) on the same batch and adapter values; and
+the rewritten training graph is checked for what the rewrites promise: the backward pass reads
+no forward activation except the residual-stream tensors, and no frozen weight is transposed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from edgetune.bundle import read_manifest
+from edgetune.export.memory_graph import GraphIndex
+from edgetune.export.memory_recompute import residual_stream
+from tests.test_export import _batch
+
+PLAIN = {"memory_rewrites": False}
+REWRITES = {
+    "full-8": {"recompute": "full", "loss_chunks": 8},
+    "cheap-3": {"recompute": "cheap", "loss_chunks": 3},
+    "mlp-1": {"recompute": "mlp", "loss_chunks": 1},
+}
+
+
+def _loss_and_grads(bundle, batch, start):
+    """One forward/backward; (loss, {trainable name: gradient}) read from ORT's checkpoint state."""
+    from edgetune.runtime.backend import open_backend
+
+    manifest = read_manifest(bundle)
+    backend = open_backend("ort-training", bundle, manifest, training=False)
+    backend.set_trainable(start)
+    loss = backend.train_step(batch)
+    grads = {t.graph_name: np.array(backend._state.parameters[t.graph_name].grad) for t in manifest.trainable}
+    return loss, grads
+
+
+def _start(bundle):
+    """Adapter values with B != 0, so that A gets a gradient too (a fixed seed: same for every bundle)."""
+    from edgetune.runtime.adapter_source import initial_adapter
+
+    rng = np.random.default_rng(7)
+    adapter = initial_adapter(bundle, read_manifest(bundle))
+    return {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in sorted(adapter.items())}
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("rewrite", list(REWRITES))
+def test_rewritten_graph_gives_the_plain_graphs_loss_and_gradients(export_tiny, quantize, rewrite):
+    plain = export_tiny(quantize=quantize, **PLAIN)
+    optimised = export_tiny(quantize=quantize, **REWRITES[rewrite])
+    assert read_manifest(plain).producer["memory"] is None
+    report = read_manifest(optimised).producer["memory"]
+    assert report["transposes_removed"] > 0 and report["recomputed_segments"] == 4  # 2 layers x (attention, MLP)
+    batch, start = _batch(read_manifest(plain)), _start(plain)
+    ref_loss, ref_grads = _loss_and_grads(plain, batch, start)
+    loss, grads = _loss_and_grads(optimised, batch, start)
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    for name, ref in ref_grads.items():
+        assert np.abs(ref).max() > 0, name  # the comparison means something
+        np.testing.assert_allclose(grads[name], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max(), err_msg=name)
+
+
+def test_chunked_loss_survives_fewer_label_positions_than_chunks(export_tiny):
+    """A batch with 2 label positions and 8 loss chunks: every chunk still gets a row (an empty
+    chunk would crash ORT's SoftmaxCrossEntropyLoss), and the loss equals the plain graph's."""
+    optimised = export_tiny(quantize="none", recompute="full", loss_chunks=8)
+    plain = export_tiny(quantize="none", **PLAIN)
+    batch = {"input_ids": np.array([[5, 6, 7, 8]], np.int64), "attention_mask": np.ones((1, 4), np.int64),
+             "labels": np.array([[-100, -100, 7, 8]], np.int64)}
+    start = _start(plain)
+    ref_loss, ref_grads = _loss_and_grads(plain, batch, start)
+    loss, grads = _loss_and_grads(optimised, batch, start)
+    assert np.isfinite(loss) and abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    for name, ref in ref_grads.items():
+        np.testing.assert_allclose(grads[name], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max(), err_msg=name)
+
+
+def test_backward_reads_only_the_residual_stream_from_the_forward(export_tiny):
+    bundle = export_tiny(quantize="int8", recompute="full", loss_chunks=8)
+    graph = onnx.load(str(bundle / "training_model.onnx")).graph
+    g = GraphIndex(graph, "loss")
+    stream = set(residual_stream(g))
+    assert len(stream) == 5  # embeddings + 2 layers x 2 blocks
+    big_ops = {"MatMul", "FusedMatMul", "Gemm", "Softmax", "Mul", "Add", "SimplifiedLayerNormalization"}
+    kept = set()
+    for i in g.forward:
+        node = g.nodes[i]
+        if node.op_type not in big_ops:
+            continue  # shapes, masks and other small tensors may be read across the turn
+        out = node.output[0]  # the activation itself; side outputs (a norm's 1/std) are (B, T, 1)
+        if any(c not in g.forward for c, _ in g.consumers[out]):
+            kept.add(out)
+    loss_head = {t for t in kept if t.startswith("memory.loss_chunk") or t.startswith("/model/norm/")}
+    assert kept - stream - loss_head == set()
+
+
+def test_no_frozen_weight_is_transposed(export_tiny):
+    """Each int8 weight is read as DQ(W) (out, in) by FusedMatMul transB=1 or by the backward MatMul:
+    a Transpose after a DequantizeLinear would make ORT insert a QuantizeLinear after it."""
+    bundle = export_tiny(quantize="int8", recompute="full", loss_chunks=8)
+    graph = onnx.load(str(bundle / "training_model.onnx")).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in producer:
+            assert producer[node.input[0]].op_type != "DequantizeLinear", node.name
