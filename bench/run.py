@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(unset: the built-in smollm2-135m, or the --bundle's base)")
     p.add_argument("--bundle", type=Path, default=None, help="reuse this exported bundle instead of exporting one")
     p.add_argument("--quantize", default="int8", choices=["int8", "none"], help="frozen base weights of the export (with --bundle, the bundle's own are used)")
+    p.add_argument("--recompute", default="cheap", choices=["full", "cheap", "mlp", "none"],
+                   help="the export's activation recompute policy (with --bundle, the bundle's own is used)")
     p.add_argument("--prompt-fraction", type=float, default=0.0,
                    help="share of each row labelled -100 (a prompt without loss), e.g. 0.5")
     p.add_argument("--skip-torch", action="store_true", help="measure edgetune only")
@@ -75,8 +77,9 @@ def export(args, tmp: Path) -> tuple[Path, dict]:
     out = tmp / "bundle"
     argv = [sys.executable, "-m", "edgetune.cli", "export", *([args.model] if args.model else []), "--out", str(out),
             "--quantize", args.quantize, "--rank", str(LORA["rank"]), "--alpha", str(LORA["alpha"]),
-            "--targets", LORA["targets"], "--force"]
-    say(f"exporting {args.model or 'the default model'} (--quantize {args.quantize}); about a minute")
+            "--targets", LORA["targets"], "--recompute", args.recompute, "--force"]
+    say(f"exporting {args.model or 'the default model'} (--quantize {args.quantize} --recompute {args.recompute}); "
+        "about a minute")
     run = run_child(argv, parse_result=False)
     return out, {"seconds": run["wall_s"], "peak_rss_bytes": run["ru_maxrss_bytes"],
                  "command": "edgetune " + " ".join(argv[3:])}
@@ -173,7 +176,8 @@ def summarize(args, argv, m: dict) -> dict:
         "command": " ".join([Path(sys.executable).name, "bench/run.py", *argv]),
         "config": {"model": manifest.base_model["id"], "base_sha256": manifest.base_sha256,
                    "method": f"LoRA r={mc['rank']} alpha={mc['alpha']:g} on {','.join(mc['targets'])}",
-                   "quantize": manifest.quantization, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                   "quantize": manifest.quantization, "memory_plan": manifest.producer.get("memory"),
+                   "batch_size": args.batch_size, "seq_len": args.seq_len,
                    "prompt_fraction": args.prompt_fraction, "steps": args.steps, "warmup": args.warmup,
                    "learning_rate": LEARNING_RATE, "optimizer": manifest.optimizer},
         "gemm": {"n": GEMM_N, "runs": GEMM_RUNS, "gflop_per_s": max(gemm_rates) / 1e9,
