@@ -31,6 +31,7 @@ def bundle_summary(folder: Path, m: Manifest) -> str:
         f"method      {method}",
         f"trainable   {trainable:,} parameters in {len(m.trainable)} tensors ({100 * trainable / max(frozen, 1):.2f}% of the base)",
         f"frozen      {frozen:,} parameters; {quantized} of {len(m.frozen)} tensors {m.quantization if quantized else 'fp32'}",
+        f"memory plan {_memory_plan(m.producer)}",
         f"optimizer   AdamW betas={tuple(m.optimizer['betas'])} eps={m.optimizer['eps']:g} weight_decay={m.optimizer['weight_decay']:g}",
         f"inputs      " + ", ".join(f"{i.name} {i.dtype}[{','.join(map(str, i.dims))}]" for i in m.inputs) + f" -> {', '.join(m.outputs)}",
         f"tokenizer   {m.tokenizer.file}; chat template {'yes' if m.tokenizer.chat_template else 'no'}; stop ids {m.tokenizer.stop_token_ids}",
@@ -40,6 +41,18 @@ def bundle_summary(folder: Path, m: Manifest) -> str:
     lines += [f"  {name:<24} {human_bytes(size):>10}  {m.files[name][:12]}…" for name, size in sizes.items()]
     lines.append(f"  {'total':<24} {human_bytes(sum(sizes.values())):>10}")
     return "\n".join(lines)
+
+
+def _memory_plan(producer: dict) -> str:
+    """The training graph's memory rewrites, as ``edgetune export`` flags (README, Performance)."""
+    if "memory" not in producer:
+        return "not recorded (exported before edgetune recorded it)"
+    plan = producer["memory"]
+    if plan is None:
+        return "none (--no-memory-rewrites)"
+    loss = f"loss in {plan['loss_chunks']} chunks" if plan["loss_chunks"] > 1 else "loss in one piece"
+    return (f"--recompute {plan['recompute']} ({plan['recomputed_segments']} blocks recomputed), {loss}, "
+            f"{plan['private_dequantize']} per-use dequantizations")
 
 
 def _numel(shape) -> int:

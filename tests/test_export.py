@@ -141,6 +141,7 @@ def test_inspect_shows_summary_and_json(tiny_bundle):
     r = _cli("inspect", str(tiny_bundle))
     assert r.returncode == 0, r.stderr
     assert "lora r=8 alpha=16 on q_proj,v_proj" in r.stdout and "training_model.onnx" in r.stdout
+    assert "memory plan --recompute cheap (4 blocks recomputed), loss in 8 chunks" in r.stdout
     r = _cli("inspect", str(tiny_bundle), "--json")
     import json
 
