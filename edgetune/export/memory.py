@@ -11,13 +11,18 @@ must exist to tell forward from backward uses):
    transB=1)`` and the backward ``MatMul(dY, DQ'(W))``; each fp32 copy lives for one matmul.
    No ``Transpose`` follows a DQ any more, so ORT's QDQ propagation has nothing to rewrite
    (with it, it inserted a single-threaded QuantizeLinear after every weight Transpose).
-2. ``recompute_segments`` (training model): activation checkpointing per residual block. Only
-   the residual-stream tensors between blocks are kept from the forward pass; just before a
-   block's backward its forward is recomputed from the stored block input (see
-   ``memory_recompute.py``).
+2. ``recompute_segments`` (training model): activation checkpointing per residual block. With
+   policy ``full`` only the residual-stream tensors between blocks are kept from the forward
+   pass (``cheap`` also keeps the frozen projections' outputs); just before a block's backward
+   its forward is recomputed from the stored tensors (see ``memory_recompute.py``).
+3. ``order_loss_chunks`` (training model), when the forward graph went through
+   ``memory_loss.chunk_loss`` before ``generate_artifacts``: the LM-head chunks run one after
+   another, forward and backward, on one shared dequantized head weight.
 
-Both keep every operation and operand as it was, so losses, gradients and updated adapters are
-what the plain graph gives (the tests compare them). The eval model gets rewrite 1 only.
+All keep every operation and operand as it was, so losses, gradients and updated adapters are
+what the plain graph gives (tests/test_memory.py compares them). The eval model gets rewrite 1
+only. The saving is real only if the session frees each value at its last use: the runtime turns
+off ORT's static buffer sharing for training sessions (``runtime/ort_backend.session_options``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 import onnx
 
 from edgetune.export.memory_graph import GraphIndex, attr, set_attr
-from edgetune.export.memory_loss import PREFIX, chunk_loss, order_loss_chunks
+from edgetune.export.memory_loss import PREFIX, order_loss_chunks
 
 RECOMPUTE_POLICIES = ("full", "cheap", "mlp", "none")
 MS_DOMAIN = "com.microsoft"
