@@ -58,7 +58,7 @@ class MemoryReport:
                 "skipped": self.skipped}
 
 
-def optimize_artifacts(folder: Path | str, loss: str = "loss", recompute: str = "full") -> MemoryReport:
+def optimize_artifacts(folder: Path | str, loss: str = "loss", recompute: str = "cheap") -> MemoryReport:
     """Rewrite ``training_model.onnx`` and ``eval_model.onnx`` in ``folder`` in place."""
     folder = Path(folder)
     report = MemoryReport()
@@ -72,7 +72,7 @@ def optimize_artifacts(folder: Path | str, loss: str = "loss", recompute: str = 
     return report
 
 
-def optimize_training_model(model: onnx.ModelProto, loss: str = "loss", recompute: str = "full",
+def optimize_training_model(model: onnx.ModelProto, loss: str = "loss", recompute: str = "cheap",
                             report: MemoryReport | None = None) -> MemoryReport:
     """Both rewrites on a training model (a graph holding forward and backward nodes)."""
     from edgetune.export.memory_recompute import recompute_segments
@@ -172,8 +172,7 @@ def _private_dq(g: GraphIndex, dq: onnx.NodeProto, dependency: str | None, repor
     if dependency:
         inputs[1] = g.after(inputs[1], dependency, f"{dq.name}/private")
     report.private_dequantize += 1
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
-    return g.add("DequantizeLinear", inputs, f"{dq.name}/private", **attrs)
+    return g.copy(dq, inputs, f"{dq.name}/private")
 
 
 def _first_other_input(node: onnx.NodeProto, slot: int) -> str | None:

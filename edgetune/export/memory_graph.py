@@ -76,6 +76,11 @@ class GraphIndex:
             self.new_inits.append(numpy_helper.from_array(value, self._const[key]))
         return self._const[key]
 
+    def copy(self, node: onnx.NodeProto, inputs: list[str], name: str) -> str:
+        """Append a copy of one-output ``node`` (same op, domain, attributes) reading ``inputs``."""
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        return self.add(node.op_type, inputs, name, domain=node.domain, **attrs)
+
     def after(self, tensor: str, dependency: str, tag: str) -> str:
         """``tensor`` unchanged (a copy along axis 0), but computed only once ``dependency`` exists.
 

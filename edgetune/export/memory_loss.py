@@ -122,8 +122,7 @@ def _share_head_weight(g: GraphIndex, first_input: str) -> None:
         dq = g.nodes[g.producer[g.nodes[readers[0][0]].input[readers[0][1]]]]
         inputs = list(dq.input)
         inputs[1] = g.after(inputs[1], first_input, f"{dq.name}/shared")  # dequantize when chunk 0 starts
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
-        weight = g.add("DequantizeLinear", inputs, f"{dq.name}/shared", **attrs)
+        weight = g.copy(dq, inputs, f"{dq.name}/shared")
         same = g.const(np.array([0, -1], np.int64), "memory.same_2d_shape")  # 0: keep the dim
         weight = g.add("Reshape", [weight, same], f"{dq.name}/shared/Reshape")
         for i, j in readers:
