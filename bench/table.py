@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from edgetune.summary import memory_plan_text
+
 NAMES = {"edgetune": "edgetune", "pytorch_peft": "PyTorch+PEFT"}
 GB, MB = 1e9, 1e6
 
@@ -35,15 +37,6 @@ ROWS = [
 ]
 
 
-def _plan(memory: dict | None) -> str:
-    """The bundle's memory plan in export-flag terms (None: exported with --no-memory-rewrites)."""
-    if memory == "unknown":  # a result file written before the plan was recorded
-        return "memory plan not recorded"
-    if not memory:
-        return "no memory rewrites"
-    return f"--recompute {memory['recompute']} --loss-chunks {max(memory['loss_chunks'], 1)}"
-
-
 def render(r: dict) -> str:
     c, m = r["config"], r["machine"]
     trainers = r["trainers"]
@@ -51,8 +44,9 @@ def render(r: dict) -> str:
     head = [
         f"edgetune vs PyTorch+PEFT — {c['model']}, {c['method']}, AdamW lr {c['learning_rate']:g}",
         f"batch {c['batch_size']} x {c['seq_len']} tokens, prompt fraction {c['prompt_fraction']:g} "
-        f"({r['flops']['label_positions']} label positions); {m['threads']} threads; edgetune base {'fp32' if c['quantize'] == 'none' else c['quantize']}, "
-        f"{_plan(c.get('memory_plan', 'unknown'))}",
+        f"({r['flops']['label_positions']} label positions); {m['threads']} threads; edgetune base {'fp32' if c['quantize'] == 'none' else c['quantize']}",
+        # a result file written before the plan was recorded has no "memory_plan" key
+        f"edgetune memory plan {memory_plan_text({'memory': c['memory_plan']} if 'memory_plan' in c else {})}",
         f"{m['cpu']}, {m['cores']} cores, load average at start {m['load_average_at_start'][0]}; "
         f"median of {c['steps']} steps after {c['warmup']} warm-up",
         "",

@@ -31,7 +31,7 @@ def bundle_summary(folder: Path, m: Manifest) -> str:
         f"method      {method}",
         f"trainable   {trainable:,} parameters in {len(m.trainable)} tensors ({100 * trainable / max(frozen, 1):.2f}% of the base)",
         f"frozen      {frozen:,} parameters; {quantized} of {len(m.frozen)} tensors {m.quantization if quantized else 'fp32'}",
-        f"memory plan {_memory_plan(m.producer)}",
+        f"memory plan {memory_plan_text(m.producer)}",
         f"optimizer   AdamW betas={tuple(m.optimizer['betas'])} eps={m.optimizer['eps']:g} weight_decay={m.optimizer['weight_decay']:g}",
         f"inputs      " + ", ".join(f"{i.name} {i.dtype}[{','.join(map(str, i.dims))}]" for i in m.inputs) + f" -> {', '.join(m.outputs)}",
         f"tokenizer   {m.tokenizer.file}; chat template {'yes' if m.tokenizer.chat_template else 'no'}; stop ids {m.tokenizer.stop_token_ids}",
@@ -43,8 +43,9 @@ def bundle_summary(folder: Path, m: Manifest) -> str:
     return "\n".join(lines)
 
 
-def _memory_plan(producer: dict) -> str:
-    """The training graph's memory rewrites, as ``edgetune export`` flags (README, Performance)."""
+def memory_plan_text(producer: dict) -> str:
+    """The training graph's memory rewrites (manifest ``producer.memory``) in ``edgetune export``
+    terms (README, Performance); also the bench table's."""
     if "memory" not in producer:
         return "not recorded (exported before edgetune recorded it)"
     plan = producer["memory"]

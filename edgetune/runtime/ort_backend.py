@@ -29,8 +29,9 @@ def session_options(threads: int):
     # *any* value on it; in a training graph those chains tie forward buffers to backward values
     # (recomputed activations, gradients), so every forward activation stayed allocated until the
     # backward pass and the exporter's activation recompute saved nothing: 1.27 GB peak RSS
-    # instead of 0.56 GB for SmolLM2-135M at 4 x 128 tokens (bench/README.md). Freed memory still
-    # returns to ORT's arena and is reused from there, so steps are not slower.
+    # instead of 0.55 GB for SmolLM2-135M at 4 x 128 tokens with --recompute full (README,
+    # "Where the memory went"). Freed memory still returns to ORT's arena and is reused from
+    # there, so steps are not slower.
     options.enable_mem_reuse = False
     return options
 
