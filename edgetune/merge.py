@@ -10,13 +10,13 @@ the base MatMul's output directly, and drops the branch. The join Add is found f
 not from node names: walking the (topologically sorted) nodes, a tensor is "tainted" by a layer
 when it depends on that layer's A or B; the first Add with one tainted and one clean input is
 the join, and its clean input is the base output. The base weight is the declared
-``<module>.base.weight`` (fp32 initializer, or the output of quantize.py's DequantizeLinear, in
-which case it is dequantized, merged and re-quantized per row).
+``<module>.base.weight`` (fp32 initializer, or the output of an int8 DequantizeLinear, in which
+case it is dequantized, merged and re-quantized per row by ``edgetune.quantization``'s rule).
+The merged graph is written crash-safely by ``onnx_graph.save_model`` (temp folder, fsync, rename).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,8 @@ from onnx import numpy_helper
 
 from edgetune.bundle import Manifest
 from edgetune.errors import BundleError
-
-EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes of weights; protobuf cannot serialise a file over 2 GB
+from edgetune.onnx_graph import remove_dead_nodes, save_model, sort_graph
+from edgetune.quantization import dequantize_rows, quantize_rows
 
 
 def merge_adapter(bundle_dir: Path | str, manifest: Manifest, adapter: dict[str, np.ndarray], out_path: Path | str) -> None:
@@ -47,7 +47,7 @@ def merge_adapter(bundle_dir: Path | str, manifest: Manifest, adapter: dict[str,
     proto = onnx.load(str(path))
     tensors = {name: np.asarray(adapter[g], dtype=np.float32) for name, g in info.adapter_inputs.items()}
     merge_lora_graph(proto, tensors, scaling)
-    write_onnx(proto, Path(out_path))
+    save_model(proto, Path(out_path))
 
 
 def merge_lora_graph(proto: onnx.ModelProto, tensors: dict[str, np.ndarray], scaling: float) -> None:
@@ -83,14 +83,14 @@ def merge_lora_graph(proto: onnx.ModelProto, tensors: dict[str, np.ndarray], sca
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
-    for out in graph.output:
-        if out.name in rename:  # a join feeding a graph output directly: keep the output's name
-            graph.node.append(onnx.helper.make_node("Identity", [rename[out.name]], [out.name]))
+    identities = [onnx.helper.make_node("Identity", [rename[out.name]], [out.name])
+                  for out in graph.output if out.name in rename]  # a join feeding a graph output: keep its name
     adapter_names = set(tensors)
     kept_inputs = [i for i in graph.input if i.name not in adapter_names]
     del graph.input[:]
     graph.input.extend(kept_inputs)
-    _remove_dead(graph)
+    sort_graph(graph, identities)
+    remove_dead_nodes(graph, initializers=True)
 
 
 def _find_joins(graph: onnx.GraphProto, taint: dict[str, str]) -> dict[str, tuple[onnx.NodeProto, str]]:
@@ -115,8 +115,6 @@ def _find_joins(graph: onnx.GraphProto, taint: dict[str, str]) -> dict[str, tupl
 
 def _fold(inits, dq, weight: str, delta: np.ndarray) -> None:
     """W (out, in) += delta, for an fp32 initializer or an int8 DequantizeLinear(q, scale, zp, axis=0)."""
-    from edgetune.export.quantize import dequantize_rows, quantize_rows
-
     if weight in inits:
         w = numpy_helper.to_array(inits[weight])
         _check(weight, w.shape, delta.shape)
@@ -137,35 +135,3 @@ def _check(weight: str, shape, delta_shape) -> None:
         raise BundleError(f"base weight {weight!r} is {tuple(shape)} but B @ A is {tuple(delta_shape)}; "
                           "the adapter was made for another model.")
 
-
-def _remove_dead(graph: onnx.GraphProto) -> None:
-    """Drop nodes that no graph output depends on, then initializers nothing reads."""
-    needed = {o.name for o in graph.output}
-    live = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            live.append(node)
-            needed.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(live))
-    kept = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-
-
-def write_onnx(proto: onnx.ModelProto, path: Path) -> None:
-    """Save atomically (temp file + os.replace); weights over ~2 GB go to ``<name>.data`` beside it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    big = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_ABOVE
-    try:
-        if big:  # the data file takes its final name: the model file that points at it is replaced last
-            onnx.save(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=f"{path.name}.data")
-        else:
-            onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

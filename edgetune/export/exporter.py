@@ -1,7 +1,8 @@
 """``edgetune export``: model source -> LoRA-injected, optionally int8 -> ONNX training bundle.
 
-The bundle is built in a temporary folder beside ``out`` and renamed into place at the end, so a
-failed or killed export never leaves a half-written bundle behind.
+The bundle is built in a temporary folder beside ``out`` and swapped into place at the end
+(``atomic.replace_dir``), so a failed or killed export never leaves a half-written bundle behind
+and an existing bundle (``--force``) stays at ``out`` until the new one is complete.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 from edgetune import __version__
+from edgetune.atomic import recover_dir, replace_dir
 from edgetune.bundle import GraphInput, Manifest, TensorInfo, TokenizerInfo, write_manifest
+from edgetune.constants import OPSET
 from edgetune.errors import ExportError
 from edgetune.export.artifacts import AdamWSettings
 from edgetune.methods import LoraConfig
@@ -57,6 +60,7 @@ class ExportOptions:
 
 
 def check_output(out: Path, force: bool) -> None:
+    recover_dir(out)  # a bundle set aside by an export killed mid-swap is put back first
     if out.exists() and not force:
         raise ExportError(f"output folder {str(out)!r} already exists; pass --force to replace it or choose another --out.")
     if out.exists() and not out.is_dir():
@@ -81,7 +85,7 @@ def export_bundle(opts: ExportOptions, report: Callable[[str], None] = lambda ms
     tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.", suffix=".partial", dir=opts.out.parent))
     try:
         manifest = _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp, report)
-        _replace_dir(tmp, opts.out)
+        replace_dir(tmp, opts.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -97,7 +101,8 @@ def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Pa
     from edgetune.export.graph_cleanup import remove_zero_dropout
     from edgetune.export.memory import optimize_artifacts
     from edgetune.export.memory_loss import chunk_loss
-    from edgetune.export.quantize import INT8_SCHEME, quantize_graph
+    from edgetune.export.quantize import quantize_graph
+    from edgetune.quantization import INT8_SCHEME
     from edgetune.export.tokenizer_info import save_tokenizer
     from edgetune.export.training_graph import OUTPUT_NAMES, export_training_graph, graph_name
 
@@ -156,18 +161,8 @@ def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Pa
         outputs=list(OUTPUT_NAMES),
         tokenizer=tokenizer_info,
         generation=generation,
-        producer={"edgetune": __version__, "opset": 17, "memory": memory},
+        producer={"edgetune": __version__, "opset": OPSET, "memory": memory},
     )
     write_manifest(tmp, manifest)
     return manifest
 
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place; an existing one (--force) is removed only after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -12,7 +12,7 @@ included). One graph serves both the prompt step (past_len 0) and every next tok
 The adapter tensors are inputs rather than weights so the device feeds its current adapter
 with no re-export. Constant folding is off, and the adapter tensors get distinct random values
 during the trace, because the TorchScript exporter otherwise renames them and merges equal
-ones (all-zero lora_B's) into one initializer (NOTES.md "Generation graphs").
+ones (all-zero lora_B's) into one initializer.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgetune.bundle import GenerationInfo
+from edgetune.constants import OPSET
 from edgetune.errors import ExportError
 from edgetune.export.methods import Trainable
 from edgetune.export.training_graph import graph_name
+from edgetune.onnx_graph import save_model
 
-OPSET = 17
 TASK = "text-generation-with-past"
-MAX_IR_VERSION = 10  # onnxruntime(-training) 1.19.2 loads IR <= 10 (NOTES.md)
+MAX_IR_VERSION = 10  # onnxruntime(-training) 1.19.2 loads IR <= 10; onnx >= 1.18 writes IR 14
 
 
 def export_generation_graph(model, trainables: list[Trainable], path: Path, quantize: bool) -> GenerationInfo:
@@ -55,12 +56,10 @@ def export_generation_graph(model, trainables: list[Trainable], path: Path, quan
     if proto.ir_version > MAX_IR_VERSION:
         raise ExportError(
             f"the generation graph has ONNX IR version {proto.ir_version}, but onnxruntime 1.19.2 reads at most "
-            f"{MAX_IR_VERSION}; install onnx<1.18 (NOTES.md) and export again."
+            f"{MAX_IR_VERSION}; install onnx<1.18 and export again."
         )
-    from edgetune.merge import write_onnx
-
     info = _info(proto, path.name, adapter_inputs)
-    write_onnx(proto, path)
+    save_model(proto, path)
     return info
 
 

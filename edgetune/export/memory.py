@@ -32,8 +32,9 @@ from pathlib import Path
 
 import onnx
 
-from edgetune.export.memory_graph import GraphIndex, attr, set_attr
+from edgetune.export.memory_graph import GraphIndex
 from edgetune.export.memory_loss import PREFIX, order_loss_chunks
+from edgetune.onnx_graph import attr, set_attr
 
 RECOMPUTE_POLICIES = ("full", "cheap", "mlp", "none")
 MS_DOMAIN = "com.microsoft"

@@ -1,4 +1,7 @@
-"""Graph plumbing shared by the memory rewrites (``memory.py``, ``memory_recompute.py``).
+"""The index the memory rewrites (``memory.py``, ``memory_recompute.py``, ``memory_loss.py``) edit through.
+
+Sorting, dead-node removal and attribute access are ``edgetune.onnx_graph``'s, shared with
+quantize and merge.
 
 The rewrites edit a Python list of ``NodeProto`` references and write it back once, topologically
 sorted, at the end. Nodes are identified by their position in that list (protobuf wrappers have
@@ -12,6 +15,8 @@ from collections import defaultdict
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from edgetune.onnx_graph import toposort
 
 # Slice ends added to a Size so that the slice never cuts anything, even when the Size is 0.
 _NO_CUT = 1 << 62
@@ -111,48 +116,3 @@ class GraphIndex:
         self.nodes = list(self.graph.node)
         self.reindex()
 
-
-def toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """Depth-first topological order that keeps the given order where it can.
-
-    A node is emitted right after the producers it still needs, so an appended node (a
-    recomputed clone, a private DequantizeLinear) lands just before its first consumer.
-    """
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    done = [False] * len(nodes)
-    open_ = [False] * len(nodes)  # on the current DFS path: meeting one again means a cycle
-    order: list[onnx.NodeProto] = []
-    for root in range(len(nodes)):
-        stack = [(root, False)]
-        while stack:  # iterative: the graphs have tens of thousands of nodes
-            i, expanded = stack.pop()
-            if done[i]:
-                continue
-            if expanded:
-                done[i], open_[i] = True, False
-                order.append(nodes[i])
-                continue
-            if open_[i]:
-                raise RuntimeError(f"memory rewrite made a cycle through node {nodes[i].name!r}")
-            open_[i] = True
-            stack.append((i, True))
-            for name in reversed(nodes[i].input):
-                p = producer.get(name)
-                if p is not None and not done[p]:
-                    stack.append((p, False))
-    return order
-
-
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for a in node.attribute:
-        if a.name == name:
-            node.attribute.remove(a)
-            break
-    node.attribute.append(helper.make_attribute(name, value))

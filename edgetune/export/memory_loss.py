@@ -19,7 +19,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from edgetune.export.memory_graph import GraphIndex, attr
+from edgetune.constants import IGNORE_INDEX
+from edgetune.export.memory_graph import GraphIndex
+from edgetune.onnx_graph import attr, remove_dead_nodes
 
 PREFIX = "memory.loss_chunk"
 
@@ -44,7 +46,7 @@ def chunk_loss(model: onnx.ModelProto, loss: str = "loss", chunks: int = 8) -> i
         return 0
     h, wt = g.nodes[mm_i].input
     y = sce.input[1]
-    ignore = int(attr(sce, "ignore_index", -100))
+    ignore = int(attr(sce, "ignore_index", IGNORE_INDEX))
 
     def c(value, name):
         return g.const(np.array(value, np.int64), f"{PREFIX}/{name}")
@@ -98,7 +100,7 @@ def order_loss_chunks(graph: onnx.GraphProto, report) -> None:
             report.loss_chunks = k + 2
         k += 1
     _share_head_weight(g, f"{PREFIX}0/h_output")
-    _drop_dead(graph)
+    remove_dead_nodes(graph)  # the dropped DQs' scale gates
 
 
 def _share_head_weight(g: GraphIndex, first_input: str) -> None:
@@ -129,13 +131,3 @@ def _share_head_weight(g: GraphIndex, first_input: str) -> None:
             g.nodes[i].input[j] = weight
     g.commit(drop=drop)
 
-
-def _drop_dead(graph: onnx.GraphProto) -> None:
-    """Remove nodes whose outputs nobody reads (the dropped DQs' scale gates)."""
-    while True:
-        used = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
-        dead = [i for i, n in enumerate(graph.node) if not any(o in used for o in n.output if o)]
-        if not dead:
-            return
-        for i in reversed(dead):
-            del graph.node[i]

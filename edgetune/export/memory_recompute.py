@@ -13,7 +13,7 @@ block's activations at a time. The clone repeats the same operations on the same
 values are bit-identical; blocks holding a random operator (Dropout with p > 0) are left alone.
 
 ORT's ``MemoryOptimizer`` offers recompute only for ORTModule graphs (it looks for a YieldOp);
-on-device training graphs have none (NOTES.md).
+on-device training graphs have none (its plans modified nothing on the LoRA training graph).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Weight-only int8 quantization of the frozen base, as an ONNX graph rewrite.
 
 Each frozen fp32 weight W (out, in) is stored as int8 q (out, in) plus one fp32 scale per output
-row (symmetric: scale = max|W_row| / 127, zero point 0). The graph gets the fp32 values back
+row (``edgetune.quantization``: symmetric, scale = max|W_row| / 127, zero point 0). The graph gets the fp32 values back
 where they are used:
   * matrix use (MatMul/Gemm/Transpose): ``DequantizeLinear(q, scale, zp=0, axis=0)`` named like
     the original tensor, so every consumer is unchanged. The int8 zero point is explicit: without
-    it ORT types the output uint8 (NOTES.md).
+    it ONNX Runtime types the output uint8 and the training model fails to load.
   * row lookup (Gather on the embedding table): ``Gather(q, ids) -> Cast -> Mul(Gather(scale, ids))``
     so only the looked-up rows are ever dequantized, never the whole (vocab, hidden) table.
 """
@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-INT8_SCHEME = "int8-per-channel-symmetric"
+from edgetune.onnx_graph import attr, sort_graph
+from edgetune.quantization import quantize_rows
 
 
 @dataclass(frozen=True)
@@ -28,26 +29,15 @@ class QuantizedTensor:
     scale_name: str  # fp32 initializer (out,)
 
 
-def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(out, in) fp32 -> (q int8 (out, in), scale fp32 (out,)); all-zero rows get scale 1."""
-    amax = np.abs(w).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale
-
-
-def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * scale[:, None]
-
-
 def quantize_graph(model: onnx.ModelProto, names: list[str]) -> list[QuantizedTensor]:
     """Replace each named 2-D fp32 initializer by int8 + scale and the nodes that restore it."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
+    wanted = set(names)
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
         for i, inp in enumerate(node.input):
-            if inp in names:
+            if inp in wanted:
                 consumers.setdefault(inp, []).append((node, i))
     new_nodes: list[onnx.NodeProto] = []
     done: list[QuantizedTensor] = []
@@ -61,7 +51,7 @@ def quantize_graph(model: onnx.ModelProto, names: list[str]) -> list[QuantizedTe
         graph.initializer.append(numpy_helper.from_array(np.zeros(w.shape[0], np.int8), zero))
         matrix_use = False
         for node, idx in consumers.get(name, []):
-            if node.op_type == "Gather" and idx == 0 and _attr(node, "axis", 0) == 0:
+            if node.op_type == "Gather" and idx == 0 and attr(node, "axis", 0) == 0:
                 new_nodes.extend(_gather_rows(node, qt))
             else:
                 matrix_use = True
@@ -72,15 +62,8 @@ def quantize_graph(model: onnx.ModelProto, names: list[str]) -> list[QuantizedTe
         done.append(qt)
     # ONNX wants nodes in topological order; the Gather rewrites read the ids that upstream nodes
     # produce, so re-sort rather than prepend.
-    _insert_in_order(graph, new_nodes)
+    sort_graph(graph, new_nodes)
     return done
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _gather_rows(node: onnx.NodeProto, qt: QuantizedTensor) -> list[onnx.NodeProto]:
@@ -98,31 +81,3 @@ def _gather_rows(node: onnx.NodeProto, qt: QuantizedTensor) -> list[onnx.NodePro
         helper.make_node("Mul", [rows_f, scales_u], [out], name=f"{base}/Mul"),
     ]
 
-
-def _insert_in_order(graph: onnx.GraphProto, new_nodes: list[onnx.NodeProto]) -> None:
-    """Topologically re-sort the graph's nodes after adding ``new_nodes``."""
-    nodes = list(graph.node) + new_nodes
-    produced_by = {o: n for n in nodes for o in n.output}
-    order: list[onnx.NodeProto] = []
-    seen: set[int] = set()
-
-    def visit(node):  # iterative DFS: graphs have tens of thousands of nodes
-        stack = [(node, False)]
-        while stack:
-            n, expanded = stack.pop()
-            if id(n) in seen:
-                continue
-            if expanded:
-                seen.add(id(n))
-                order.append(n)
-                continue
-            stack.append((n, True))
-            for inp in reversed(n.input):
-                p = produced_by.get(inp)
-                if p is not None and id(p) not in seen:
-                    stack.append((p, False))
-
-    for n in nodes:
-        visit(n)
-    del graph.node[:]
-    graph.node.extend(order)

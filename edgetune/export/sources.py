@@ -1,7 +1,7 @@
 """Where a base model comes from: a Hugging Face folder, a ``.gguf`` file, or a built-in name.
 
 ``resolve_source`` checks the path and names the fix when it is wrong; ``load_model`` loads the
-model in fp32 with eager attention and no KV cache (a clean training graph, NOTES.md), and the
+model in fp32 with eager attention and no KV cache (a clean training graph to export), and the
 tokenizer. The base model's identity is the SHA-256 of its weight files.
 """
 

@@ -1,7 +1,7 @@
 """The causal-LM training graph: a model wrapper that outputs its own scalar loss.
 
-Graph inputs: input_ids (B, T) int64, attention_mask (B, T) int64, labels (B, T) int64 (-100 =
-masked, e.g. prompt tokens and padding). Output: ``loss``, the mean cross-entropy over the label
+Graph inputs: input_ids (B, T) int64, attention_mask (B, T) int64, labels (B, T) int64 (IGNORE_INDEX
+= -100: masked, e.g. prompt tokens and padding). Output: ``loss``, the mean cross-entropy over the label
 positions after the causal shift. The language-model head runs only on label positions, so
 prompt tokens and padding never produce (N, vocab) logits — less memory and fewer FLOPs.
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from edgetune.constants import IGNORE_INDEX, OPSET
+
 INPUT_NAMES = ("input_ids", "attention_mask", "labels")
 OUTPUT_NAMES = ("loss",)
-OPSET = 17
 
 
 class CausalLMLoss(nn.Module):

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import numpy as np
 
-IGNORE = -100
+from edgetune.constants import IGNORE_INDEX
 
 
 def pad_batch(examples, pad_id: int) -> dict[str, np.ndarray]:
@@ -14,7 +14,7 @@ def pad_batch(examples, pad_id: int) -> dict[str, np.ndarray]:
     width = max(len(e.input_ids) for e in examples)
     ids = np.full((len(examples), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(examples), width), dtype=np.int64)
-    labels = np.full((len(examples), width), IGNORE, dtype=np.int64)
+    labels = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n], mask[row, :n], labels[row, :n] = e.input_ids, 1, e.labels

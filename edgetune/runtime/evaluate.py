@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetune.bundle import read_manifest
+from edgetune.constants import IGNORE_INDEX
 from edgetune.runtime.adapter_source import disabled, latest_adapter
 from edgetune.runtime.backend import open_backend
 from edgetune.runtime.batches import pad_batch
@@ -25,8 +26,8 @@ class EvalResult:
 
 
 def label_positions(batch: dict[str, np.ndarray]) -> int:
-    """How many positions the loss averages over: labels after the causal shift that are not -100."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    """How many positions the loss averages over: labels after the causal shift that are not ignored."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def eval_loss(backend, examples, batch_size: int, pad_id: int) -> EvalResult:
