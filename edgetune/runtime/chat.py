@@ -8,6 +8,7 @@ lstrip_blocks=True)`` with the loop-controls extension, a ``tojson`` filter and 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 
 from edgetune.errors import DataError
@@ -19,6 +20,11 @@ FALLBACK_TEMPLATE = (
     "{% else %}### {{ message['role'] | capitalize }}:\n{{ message['content'] }}\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}### Response:\n{% endif %}"
 )
+
+# Roles every chat template handles (transformers' conversation format); "tool" only where the
+# template itself names it, since a template without it renders a tool turn as free text.
+DEFAULT_ROLES = ("system", "user", "assistant")
+OPTIONAL_ROLES = ("tool",)
 
 
 def _raise(message: str):
@@ -40,6 +46,8 @@ class ChatTemplate:
         except Exception as exc:  # jinja2.TemplateSyntaxError and friends
             raise DataError(f"the bundle's chat template does not compile ({exc}); re-export the bundle.") from None
         self.bos_token, self.eos_token = bos_token, eos_token
+        named = [r for r in OPTIONAL_ROLES if re.search(rf"""['"]{r}['"]""", self.source)]
+        self.roles: tuple[str, ...] = DEFAULT_ROLES + tuple(named)  # what a chat record's messages may use
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         try:

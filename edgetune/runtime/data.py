@@ -1,4 +1,4 @@
-"""Training data: JSONL in three shapes -> token ids and labels (prompt tokens masked with -100).
+"""Training data: JSONL in three shapes -> token ids and labels (prompt tokens masked with IGNORE_INDEX).
 
 Shapes, detected per file from its first valid record:
   instruction  {"instruction", "context" (optional), "output"}  -> a user turn + an assistant turn
@@ -6,7 +6,9 @@ Shapes, detected per file from its first valid record:
   text         {"text"}                                           -> every token is trained (+ eos)
 Instructions and chats are rendered with the bundle's chat template. Labels cover exactly the
 tokens the template adds for each assistant turn after the generation prompt (the response and
-its end-of-turn token); everything else gets -100.
+its end-of-turn token); everything else gets IGNORE_INDEX (-100).
+Lines are read by ``jsonl.jsonl_lines``: at most ``MAX_RECORD_BYTES`` each, UTF-8 only. Chat roles
+must be ones the bundle's template knows (``ChatTemplate.roles``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from typing import Iterator
 
 import numpy as np
 
+from edgetune.constants import IGNORE_INDEX
 from edgetune.errors import DataError
-from edgetune.runtime.chat import ChatTemplate
-
-IGNORE = -100
+from edgetune.runtime.chat import DEFAULT_ROLES, ChatTemplate
+from edgetune.runtime.jsonl import MAX_RECORD_BYTES, jsonl_lines
 SHAPES = {"instruction": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
 FIX = "fix the line or pass --skip-bad to skip bad lines"
 
@@ -29,7 +31,7 @@ FIX = "fix the line or pass --skip-bad to skip bad lines"
 @dataclass
 class Example:
     input_ids: np.ndarray  # (T,) int64
-    labels: np.ndarray  # (T,) int64, -100 where no loss is taken
+    labels: np.ndarray  # (T,) int64, IGNORE_INDEX where no loss is taken
 
 
 @dataclass
@@ -52,7 +54,7 @@ def _shape_of(record: dict) -> str | None:
     return None
 
 
-def _check(record, shape: str, where: str) -> list[dict] | str:
+def _check(record, shape: str, where: str, roles: tuple[str, ...]) -> list[dict] | str:
     """Validate one record; return messages (instruction/chat) or the text. Raises DataError."""
     if shape == "text":
         if not isinstance(record.get("text"), str) or not record["text"]:
@@ -75,30 +77,38 @@ def _check(record, shape: str, where: str) -> list[dict] | str:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f'{where}: messages[{i}] needs string fields "role" and "content"')
+        if m["role"] not in roles:
+            raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; the chat template knows the roles "
+                            f"{', '.join(roles)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f'{where}: a chat needs at least one message with role "assistant"')
     return messages
 
 
-def read_records(path: Path, skip_bad: bool = False, stats: DataStats | None = None) -> Iterator[tuple[int, str, object]]:
+def read_records(path: Path, skip_bad: bool = False, stats: DataStats | None = None,
+                 roles: tuple[str, ...] = DEFAULT_ROLES,
+                 max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, str, object]]:
     """Yield (line number, shape, checked content) for every good record of a JSONL file."""
     path = Path(path)
     stats = stats or DataStats(str(path))
     shape = None
+    lines = jsonl_lines(path, max_record_bytes)
     try:
-        handle = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot open ({exc.strerror}); give a readable JSONL file.") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+        for number, line in lines:
+            if isinstance(line, str) and not line.strip():
                 continue
             where = f"{path.name} line {number}"
             try:
+                if isinstance(line, DataError):
+                    raise line
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                except RecursionError:
+                    raise DataError(f"{where}: JSON nested too deeply to read") from None
+                except ValueError as exc:  # e.g. an integer with more digits than Python converts
+                    raise DataError(f"{where}: not usable JSON ({exc})") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: a record must be a JSON object")
                 this = _shape_of(record)
@@ -106,7 +116,7 @@ def read_records(path: Path, skip_bad: bool = False, stats: DataStats | None = N
                     raise DataError(f'{where}: unknown record shape; need "instruction"+"output", "messages", or "text"')
                 if shape is not None and this != shape:
                     raise DataError(f"{where}: a {this} record in a file of {shape} records; keep one shape per file")
-                content = _check(record, this, where)
+                content = _check(record, this, where, roles)
                 shape = shape or this
             except DataError as exc:
                 if not skip_bad:
@@ -116,6 +126,8 @@ def read_records(path: Path, skip_bad: bool = False, stats: DataStats | None = N
                 continue
             stats.shape = shape
             yield number, shape, content
+    finally:
+        lines.close()  # stop reading (and close the file) as soon as the caller stops
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -126,7 +138,7 @@ def tokenize_chat(messages: list[dict], tokenizer, template: ChatTemplate) -> tu
     """Token ids of the rendered chat and labels covering each assistant turn's tokens only."""
     full_text = template.render(messages, add_generation_prompt=False)
     ids = _encode(tokenizer, full_text)
-    labels = [IGNORE] * len(ids)
+    labels = [IGNORE_INDEX] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -150,13 +162,13 @@ def _char_span(tokenizer, full_text, template, messages, i) -> tuple[int, int]:
 
 
 def load_examples(path: Path, tokenizer, template: ChatTemplate, max_seq_len: int,
-                  skip_bad: bool = False) -> tuple[list[Example], DataStats]:
+                  skip_bad: bool = False, max_record_bytes: int = MAX_RECORD_BYTES) -> tuple[list[Example], DataStats]:
     """Read, render, tokenize, mask and truncate a JSONL file."""
     stats = DataStats(str(path))
     examples: list[Example] = []
     eos = template.eos_token
     eos_id = tokenizer.token_to_id(eos) if eos else None
-    for _, shape, content in read_records(path, skip_bad, stats):
+    for _, shape, content in read_records(path, skip_bad, stats, template.roles, max_record_bytes):
         if shape == "text":
             ids = _encode(tokenizer, content) + ([eos_id] if eos_id is not None else [])
             labels = list(ids)
@@ -165,12 +177,12 @@ def load_examples(path: Path, tokenizer, template: ChatTemplate, max_seq_len: in
         if len(ids) > max_seq_len:
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             stats.truncated += 1
-        if sum(1 for x in labels[1:] if x != IGNORE) == 0:  # nothing to learn after the causal shift
+        if sum(1 for x in labels[1:] if x != IGNORE_INDEX) == 0:  # nothing to learn after the causal shift
             stats.dropped_empty += 1
             continue
         examples.append(Example(np.array(ids, dtype=np.int64), np.array(labels, dtype=np.int64)))
         stats.tokens += len(ids)
-        stats.label_tokens += sum(1 for x in labels if x != IGNORE)
+        stats.label_tokens += sum(1 for x in labels if x != IGNORE_INDEX)
     stats.examples = len(examples)
     if not examples:
         detail = f" ({stats.skipped_bad} bad lines skipped, {stats.dropped_empty} with no label tokens)" if stats.skipped_bad or stats.dropped_empty else ""
