@@ -190,10 +190,14 @@ def is_disk_full(exc: BaseException, folder: Path | str) -> bool:
     An OSError says so by its errno. Libraries that write through their own code (ONNX
     Runtime's checkpoint writer raises a RuntimeError) hide the errno; for those the file
     system is asked directly: a 64 KiB probe file is written and fsynced in ``folder``, and a
-    full disk answers with ENOSPC/EDQUOT. The message text is never parsed.
+    full disk answers with ENOSPC/EDQUOT. The message text is never parsed. Ask before deleting
+    the partial output, or its freed space hides the full disk. Before a large write whose size
+    is known, ``ensure_free_space`` refuses early with a real ENOSPC instead.
     """
     if isinstance(exc, OSError):
         return exc.errno in FULL_DISK_ERRNOS
+    if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not a write failure
+        return False
     folder = Path(folder)
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent
@@ -212,3 +216,18 @@ def is_disk_full(exc: BaseException, folder: Path | str) -> bool:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(probe)
+
+
+def ensure_free_space(folder: Path | str, needed: int) -> None:
+    """Raise OSError(ENOSPC) if ``folder``'s file system has fewer than ``needed`` bytes free.
+
+    For writes done by a library that hides the errno (ONNX Runtime's checkpoint writer): a
+    caller that knows the size (e.g. the previous checkpoint's) checks before writing.
+    """
+    folder = Path(folder)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free, {needed} needed)", str(folder))

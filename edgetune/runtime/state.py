@@ -17,7 +17,6 @@ readable and ``LATEST`` pointing at a complete one.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgetune.atomic import atomic_write_bytes, fsync_dir
+from edgetune.atomic import atomic_write_bytes, fsync_dir, is_disk_full
 from edgetune.errors import TrainingError
 
 STATE_DIR = "train-state"
@@ -104,8 +103,9 @@ class StateDir:
             tmp.rename(final)
             atomic_write_text(self.folder / LATEST, name + "\n")
         except BaseException as exc:
+            full = is_disk_full(exc, self.folder)  # asked before the partial checkpoint frees its space
             shutil.rmtree(tmp, ignore_errors=True)
-            if _is_disk_full(exc):
+            if full:
                 kept = f"the checkpoint at step {previous.trainer['step']} is intact" if previous else "no earlier checkpoint exists"
                 raise TrainingError(f"the disk is full while writing the checkpoint for step {trainer['step']} "
                                     f"in {self.folder}; {kept}. Free space and run again with --resume.") from None
@@ -136,9 +136,3 @@ class StateDir:
                 continue  # a line cut by the kill
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
-
-def _is_disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    text = str(exc).lower()  # ORT reports write failures as RuntimeError text
-    return "no space left" in text or "enospc" in text
