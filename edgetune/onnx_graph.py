@@ -134,7 +134,7 @@ def external_files(path: Path) -> set[str]:
     return set()
 
 
-def save_model(proto: onnx.ModelProto, path: Path | str, external_above: int = EXTERNAL_DATA_ABOVE) -> list[Path]:
+def save_model(proto: onnx.ModelProto, path: Path | str, external_above: int | None = None) -> list[Path]:
     """Write ``proto`` to ``path`` crash-safely; returns the files written (model first).
 
     A reader sees the old model or the whole new one. Everything is written and fsynced in a
@@ -146,7 +146,8 @@ def save_model(proto: onnx.ModelProto, path: Path | str, external_above: int = E
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(t.ByteSize() for t in proto.graph.initializer) > external_above
+    limit = EXTERNAL_DATA_ABOVE if external_above is None else external_above
+    big = sum(t.ByteSize() for t in proto.graph.initializer) > limit
     old_data = external_files(path) if path.is_file() else set()
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:

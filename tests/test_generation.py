@@ -214,3 +214,25 @@ def test_merged_graph_equals_adapter_graph(exported, quantize, tmp_path):
     ref = Generator(folder, manifest).logits(ids, mask, adapter)
     tol = 1e-4 if not quantize else 0.03 * np.abs(ref[real]).max()  # stated in the module docstring
     assert np.abs(got[real] - ref[real]).max() <= tol
+
+
+def test_merged_graph_with_external_data_loads_and_matches(exported, tmp_path, monkeypatch):
+    """Weights past the protobuf limit go to a data file beside the model; forced here with a 0-byte limit."""
+    from edgetune import onnx_graph
+    from edgetune.merge import merge_adapter
+
+    _, bundles, adapter = exported
+    folder, manifest = bundles[False]
+    merge_adapter(folder, manifest, adapter, tmp_path / "small.onnx")
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_ABOVE", 0)
+    out = tmp_path / "merged.onnx"
+    merge_adapter(folder, manifest, adapter, out)
+    (data,) = onnx_graph.external_files(out)
+    assert (tmp_path / data).stat().st_size > 0 and not list(tmp_path.glob(".*partial"))
+    ids, mask = _batch()
+    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+             **{n: np.zeros((2, 2, 0, 16), np.float32) for n in manifest.generation.past_inputs}}
+    run = {p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+           for p in (out, tmp_path / "small.onnx")}
+    assert np.array_equal(run[out], run[tmp_path / "small.onnx"])

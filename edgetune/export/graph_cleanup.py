@@ -10,10 +10,12 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
+from edgetune.onnx_graph import attr
+
 
 def _ratio(node: onnx.NodeProto, constants: dict) -> float | None:
     if len(node.input) < 2 or not node.input[1]:
-        return 0.5 if not any(a.name == "ratio" for a in node.attribute) else None
+        return 0.5 if attr(node, "ratio") is None else None
     value = constants.get(node.input[1])
     return None if value is None else float(value)
 
@@ -23,8 +25,8 @@ def remove_zero_dropout(model: onnx.ModelProto) -> int:
     graph = model.graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer if not i.dims}
     for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        if node.op_type == "Constant" and attr(node, "value") is not None:
+            constants[node.output[0]] = numpy_helper.to_array(attr(node, "value"))
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     replaced = 0
     for i, node in enumerate(graph.node):

@@ -18,7 +18,6 @@ readable and ``LATEST`` pointing at a complete one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgetune.atomic import atomic_write_bytes, fsync_dir, is_disk_full
+from edgetune.atomic import atomic_write_bytes, is_disk_full, replace_dir
 from edgetune.errors import TrainingError
 
 STATE_DIR = "train-state"
@@ -49,14 +48,6 @@ class Checkpoint:
         from safetensors.numpy import load_file
 
         return load_file(str(self.folder / ADAPTER))
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(folder)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -96,11 +87,8 @@ class StateDir:
             write_backend(tmp / "checkpoint")
             save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp / ADAPTER))
             (tmp / TRAINER).write_text(json.dumps(trainer, indent=2))
-            _fsync_tree(tmp)
-            final = self.folder / name
-            if final.exists():  # same step saved again (e.g. end of run right after a periodic save)
-                shutil.rmtree(final)
-            tmp.rename(final)
+            # fsyncs tmp; the same step saved again (end of run right after a periodic save) is swapped in whole
+            replace_dir(tmp, self.folder / name)
             atomic_write_text(self.folder / LATEST, name + "\n")
         except BaseException as exc:
             full = is_disk_full(exc, self.folder)  # asked before the partial checkpoint frees its space
