@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgetune import atomic
 from edgetune.atomic import is_disk_full, recover_dir, replace_dir
+from edgetune.constants import OPSET
 from edgetune.onnx_graph import GraphCycleError, external_files, remove_dead_nodes, save_model, toposort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def _model(value: float, n: int = 1000) -> onnx.ModelProto:
     graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])], [w])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 def _weight(path: Path) -> float:
