@@ -52,11 +52,12 @@ def measure(step, warmup: int, steps: int) -> dict:
 
 
 def run_edgetune(a: dict) -> dict:
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.runtime.backend import open_backend
 
-    manifest = read_manifest(a["bundle"], verify=False)
-    backend = open_backend("ort-training", Path(a["bundle"]), manifest, threads=a["threads"])
+    bundle = Bundle.open(a["bundle"], verify=False)
+    manifest = bundle.manifest
+    backend = open_backend("ort-training", bundle, threads=a["threads"])
     data = make_batch(manifest.base_model["config"]["vocab_size"], a["batch"], a["seq"], a["prompt_fraction"])
 
     def step() -> float:

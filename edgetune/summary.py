@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from edgetune.bundle import Manifest
+from edgetune.bundle import Bundle
 
 
 def human_bytes(n: float) -> str:
@@ -15,11 +13,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def bundle_summary(folder: Path, m: Manifest) -> str:
+def bundle_summary(bundle: Bundle) -> str:
+    folder, m = bundle.folder, bundle.manifest
     trainable = sum(_numel(t.shape) for t in m.trainable)
     frozen = sum(_numel(t.shape) for t in m.frozen)
     quantized = sum(1 for t in m.frozen if t.quantization != "none")
-    sizes = {name: (Path(folder) / name).stat().st_size for name in m.files if (Path(folder) / name).exists()}
+    sizes = {name: (folder / name).stat().st_size for name in m.files}  # Bundle.open checked they exist
     cfg = m.method["config"]
     method = m.method["name"]
     if method == "lora":

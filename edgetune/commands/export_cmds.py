@@ -53,9 +53,10 @@ def export(model, out, method, rank, alpha, targets, rslora, quantize, weight_de
     )
     manifest = export_bundle(opts, report=lambda msg: click.echo(f"• {msg}", err=True))
     click.echo(f"wrote {out} in {manifest.producer['export_seconds']} s", err=True)
+    from edgetune.bundle import Bundle
     from edgetune.summary import bundle_summary
 
-    click.echo(bundle_summary(Path(out), manifest))
+    click.echo(bundle_summary(Bundle.open(out, verify=False)))  # export just hashed every file
 
 
 @click.command()
@@ -64,14 +65,14 @@ def export(model, out, method, rank, alpha, targets, rslora, quantize, weight_de
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifact files.")
 def inspect(bundle, as_json, no_verify):
     """Show what a bundle holds: base model, method, tensors, quantization, files."""
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.summary import bundle_summary
 
-    manifest = read_manifest(bundle, verify=not no_verify)
+    opened = Bundle.open(bundle, verify=not no_verify)
     if as_json:
-        click.echo(json.dumps(manifest.to_dict(), indent=2))
+        click.echo(json.dumps(opened.manifest.to_dict(), indent=2))
     else:
-        click.echo(bundle_summary(bundle, manifest))
+        click.echo(bundle_summary(opened))
 
 
 COMMANDS = [export, inspect]

@@ -44,6 +44,7 @@ def _check_file(path: Path, option: str) -> None:
 def train(bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len, lr, warmup, seed, save_every,
           resume, restart, eval_data, skip_bad, backend, quiet, threads, state_dir):
     """Fine-tune the bundle's adapter on DATA, on this device. Checkpoints are crash-safe."""
+    from edgetune.bundle import Bundle
     from edgetune.runtime.trainer import TrainOptions, train as run
 
     _check_file(data, "--data")
@@ -53,6 +54,7 @@ def train(bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len, lr, 
                         max_seq_len=max_seq_len, lr=lr, warmup=warmup, seed=seed, threads=threads,
                         save_every=save_every, resume=resume, restart=restart, skip_bad=skip_bad,
                         backend=backend, state_dir=state_dir)
+    bundle = Bundle.open(bundle)  # hashed once, shared by the evaluations before and after
     before = _eval(bundle, eval_data, batch_size, max_seq_len, threads, state_dir, skip_bad) if eval_data else None
     result = run(bundle, opts, progress=not quiet, log=lambda m: click.echo(m, err=True))
     d = result.data
@@ -87,8 +89,10 @@ def _eval(bundle, data, batch_size, max_seq_len, threads, state_dir, skip_bad):
 @STATE
 def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, threads, state_dir):
     """Loss and perplexity on held-out DATA, with the latest adapter and without it."""
+    from edgetune.bundle import Bundle
+
     _check_file(data, "--data")
-    r = _eval(bundle, data, batch_size, max_seq_len, threads, state_dir, skip_bad)
+    r = _eval(Bundle.open(bundle), data, batch_size, max_seq_len, threads, state_dir, skip_bad)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -112,9 +116,10 @@ def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, threads, 
 @STATE
 def generate(bundle, prompt, system, max_new_tokens, temperature, top_p, seed, no_adapter, raw, threads, state_dir):
     """Answer PROMPT with the latest trained adapter (the answer alone on stdout)."""
+    from edgetune.bundle import Bundle
     from edgetune.runtime.answer import answer
 
-    text, origin = answer(bundle, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+    text, origin = answer(Bundle.open(bundle), prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed, use_adapter=not no_adapter, raw=raw, threads=threads,
                           state_dir=state_dir)
     click.echo(f"[adapter: {origin}]", err=True)

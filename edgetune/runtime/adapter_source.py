@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetune.bundle import Manifest
+from edgetune.bundle import Bundle, Manifest
 from edgetune.errors import BundleError
 from edgetune.runtime.ort_import import training_api
-from edgetune.runtime.state import STATE_DIR, StateDir
+from edgetune.runtime.state import StateDir
 
 
 @dataclass
@@ -21,20 +21,21 @@ class AdapterTensors:
     trainer: dict | None = None
 
 
-def latest_adapter(bundle: Path, manifest: Manifest, state_dir: Path | None = None) -> AdapterTensors:
+def latest_adapter(bundle: Bundle, state_dir: Path | None = None) -> AdapterTensors:
     """The newest checkpoint's adapter, or the bundle's initial one when nothing was trained."""
-    latest = StateDir(state_dir or Path(bundle) / STATE_DIR).latest()
+    latest = StateDir(bundle.state_folder(state_dir)).latest()
     if latest is not None:
         step = int(latest.trainer.get("step", 0))
         origin = latest.trainer.get("origin") or f"trained, step {step}"
         return AdapterTensors(latest.adapter(), origin, step, latest.trainer)
-    return AdapterTensors(initial_adapter(bundle, manifest), "bundle's initial adapter")
+    return AdapterTensors(initial_adapter(bundle), "bundle's initial adapter")
 
 
-def initial_adapter(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+def initial_adapter(bundle: Bundle) -> dict[str, np.ndarray]:
     """The trainable tensors as exported, read from the bundle's ORT checkpoint."""
-    state = training_api().CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
-    return {t.graph_name: np.array(state.parameters[t.graph_name].data, dtype=np.float32) for t in manifest.trainable}
+    state = training_api().CheckpointState.load_checkpoint(str(bundle.path("checkpoint")))
+    return {t.graph_name: np.array(state.parameters[t.graph_name].data, dtype=np.float32)
+            for t in bundle.manifest.trainable}
 
 
 def check_adapter(manifest: Manifest, adapter: dict[str, np.ndarray]) -> None:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edgetune.bundle import Manifest
+from edgetune.bundle import Bundle
 from edgetune.errors import EdgetuneError
 
 Batch = dict[str, np.ndarray]  # input_ids / attention_mask / labels, each (B, T) int64
@@ -46,12 +46,12 @@ class TrainingBackend(Protocol):
 BACKENDS = ("ort-training",)
 
 
-def open_backend(name: str, bundle: Path, manifest: Manifest, *, checkpoint: Path | None = None,
+def open_backend(name: str, bundle: Bundle, *, checkpoint: Path | None = None,
                  threads: int = 0, with_eval: bool = False, training: bool = True) -> TrainingBackend:
     """Open ``bundle`` with backend ``name``; ``checkpoint`` resumes from a saved state."""
     if name == "ort-training":
         from edgetune.runtime.ort_backend import OrtTrainingBackend
 
-        return OrtTrainingBackend(bundle, manifest, checkpoint=checkpoint, threads=threads,
+        return OrtTrainingBackend(bundle, checkpoint=checkpoint, threads=threads,
                                   with_eval=with_eval, training=training)
     raise EdgetuneError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}.")

@@ -7,28 +7,25 @@ session serves any adapter: the trained one, the bundle's initial one, or ``adap
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from edgetune.bundle import Manifest
+from edgetune.bundle import Bundle
 from edgetune.errors import BundleError, EdgetuneError
 from edgetune.runtime.adapter_source import check_adapter
 from edgetune.runtime.ort_import import onnxruntime
 
 
 class Generator:
-    """One ONNX Runtime session on ``manifest.generation``; ``threads=0`` lets ORT choose."""
+    """One ONNX Runtime session on the bundle's generation graph; ``threads=0`` lets ORT choose."""
 
-    def __init__(self, bundle: Path | str, manifest: Manifest, threads: int = 0):
+    def __init__(self, bundle: Bundle, threads: int = 0):
         ort = onnxruntime()
 
+        manifest = bundle.manifest
         info = manifest.generation
         if info is None:
-            raise BundleError(f"bundle {str(bundle)!r} has no generation graph; re-export it with this edgetune.")
-        path = Path(bundle) / info.file
-        if not path.is_file():
-            raise BundleError(f"bundle {str(bundle)!r} is missing its generation graph {info.file}; copy or re-export it.")
+            raise BundleError(f"bundle {str(bundle.folder)!r} has no generation graph; re-export it with this edgetune.")
+        path = bundle.path("generation")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise EdgetuneError(f"`threads` must be a non-negative integer (0 = all cores), got {threads!r}.")
         options = ort.SessionOptions()

@@ -10,24 +10,24 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetune.bundle import Manifest
+from edgetune.bundle import Bundle
 from edgetune.errors import EdgetuneError
 from edgetune.runtime.backend import open_backend
-from edgetune.runtime.state import STATE_DIR, StateDir
+from edgetune.runtime.state import StateDir
 
 
-def import_adapter(bundle: Path, manifest: Manifest, tensors: dict[str, np.ndarray], origin: str, *,
+def import_adapter(bundle: Bundle, tensors: dict[str, np.ndarray], origin: str, *,
                    state_dir: Path | None = None, force: bool = False) -> Path:
     """``tensors`` by graph name (already validated). Returns the checkpoint folder."""
-    state = StateDir(state_dir or Path(bundle) / STATE_DIR)
+    state = StateDir(bundle.state_folder(state_dir))
     latest = state.latest()
     if latest is not None and latest.trainer.get("step", 0) > 0 and not force:
         raise EdgetuneError(f"{state.folder} holds a training run at step {latest.trainer['step']}; "
                             "pass --force to replace it with the imported adapter.")
-    backend = open_backend("ort-training", bundle, manifest)
+    backend = open_backend("ort-training", bundle)
     backend.set_trainable(tensors)
     if state.metrics_path.exists():
         state.metrics_path.unlink()
-    trainer = {"step": 0, "position": None, "origin": origin, "base_model_sha256": manifest.base_sha256,
+    trainer = {"step": 0, "position": None, "origin": origin, "base_model_sha256": bundle.manifest.base_sha256,
                "num_examples": 0, "backend": backend.name}
     return state.save(trainer, backend.trainable(), backend.save).folder

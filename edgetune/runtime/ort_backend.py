@@ -6,14 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetune.bundle import Manifest
+from edgetune.bundle import Bundle
 from edgetune.runtime.ort_import import onnxruntime, training_api
 from edgetune.runtime.backend import Batch
-
-TRAINING_MODEL = "training_model.onnx"
-EVAL_MODEL = "eval_model.onnx"
-OPTIMIZER_MODEL = "optimizer_model.onnx"
-CHECKPOINT = "checkpoint"
 
 
 def session_options(threads: int):
@@ -39,18 +34,17 @@ def session_options(threads: int):
 class OrtTrainingBackend:
     name = "ort-training"
 
-    def __init__(self, bundle: Path, manifest: Manifest, *, checkpoint: Path | None, threads: int,
-                 with_eval: bool, training: bool):
+    def __init__(self, bundle: Bundle, *, checkpoint: Path | None, threads: int, with_eval: bool, training: bool):
         api = training_api()
-        bundle = Path(bundle)
+        manifest = bundle.manifest
         self._names = [t.graph_name for t in manifest.trainable]
-        self._state = api.CheckpointState.load_checkpoint(str(checkpoint or bundle / CHECKPOINT))
+        self._state = api.CheckpointState.load_checkpoint(str(checkpoint or bundle.path("checkpoint")))
         self._module = api.Module(
-            str(bundle / TRAINING_MODEL), self._state,
-            str(bundle / EVAL_MODEL) if with_eval else None,
+            str(bundle.path("training")), self._state,
+            str(bundle.path("eval")) if with_eval else None,
             session_options=session_options(threads),
         )
-        self._optimizer = api.Optimizer(str(bundle / OPTIMIZER_MODEL), self._module) if training else None
+        self._optimizer = api.Optimizer(str(bundle.path("optimizer")), self._module) if training else None
         self._inputs = [i.name for i in manifest.inputs]
 
     def _feed(self, batch: Batch) -> list[np.ndarray]:
