@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from edgetune.bundle import Bundle
+from edgetune.methods import get_method
 
 
 def human_bytes(n: float) -> str:
@@ -19,10 +20,8 @@ def bundle_summary(bundle: Bundle) -> str:
     frozen = sum(_numel(t.shape) for t in m.frozen)
     quantized = sum(1 for t in m.frozen if t.quantization != "none")
     sizes = {name: (folder / name).stat().st_size for name in m.files}  # Bundle.open checked they exist
-    cfg = m.method["config"]
-    method = m.method["name"]
-    if method == "lora":
-        method += f" r={cfg['rank']} alpha={cfg['alpha']:g} on {','.join(cfg['targets'])}" + (" (rsLoRA)" if cfg.get("use_rslora") else "")
+    spec = get_method(m.method["name"])
+    method = spec.summary(spec.config(m))
     lines = [
         f"bundle      {folder}  (schema {m.schema_version})",
         f"base model  {m.base_model['id']}  [{m.base_model['model_type']}]  sha256 {m.base_sha256[:16]}…",
