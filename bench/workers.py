@@ -113,7 +113,7 @@ def run_gemm(a: dict) -> dict:
     import numpy as np
     from onnx import TensorProto, helper
 
-    from edgetune.runtime.ort_backend import session_options
+    from edgetune.runtime.session_options import training_options
     from edgetune.runtime.ort_import import onnxruntime
 
     ort = onnxruntime()
@@ -124,7 +124,7 @@ def run_gemm(a: dict) -> dict:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     # The same threading as the ort-training backend's sessions.
-    session = ort.InferenceSession(model.SerializeToString(), session_options(a["threads"]),
+    session = ort.InferenceSession(model.SerializeToString(), training_options(a["threads"]),
                                    providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {x: rng.random((n, n), dtype=np.float32) for x in "ab"}

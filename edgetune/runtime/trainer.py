@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgetune.bundle import Bundle, sha256_file
 from edgetune.errors import EdgetuneError, TrainingError
-from edgetune.runtime.backend import open_backend
+from edgetune.runtime.backend import choose_backend, open_backend
 from edgetune.runtime.batches import BatchPlan, pad_batch
 from edgetune.runtime.data import load_examples
 from edgetune.runtime.schedule import LinearSchedule
@@ -41,7 +41,7 @@ class TrainOptions:
     resume: bool = False
     restart: bool = False
     skip_bad: bool = False
-    backend: str = "ort-training"
+    backend: str = "auto"  # a name registered in runtime/backend.py, or auto
     state_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -56,6 +56,7 @@ class TrainOptions:
             raise EdgetuneError("give --steps or --epochs, not both.")
         if self.resume and self.restart:
             raise EdgetuneError("give --resume or --restart, not both.")
+        self.backend = choose_backend(self.backend)  # before any data is read; resolves auto
 
 
 @dataclass
