@@ -62,13 +62,17 @@ Factory = Callable[..., TrainingBackend]
 class _Entry:
     factory: Factory
     available: Callable[[], bool]  # cheap: find_spec, never an import of the engine
-    missing: str  # how to make it available
+    missing: str | Callable[[], str]  # why it is not available and how to make it so
+
+    def why_missing(self) -> str:
+        return self.missing() if callable(self.missing) else self.missing
 
 
 _BACKENDS: dict[str, _Entry] = {}
 
 
-def register_backend(name: str, factory: Factory, available: Callable[[], bool], missing: str = "") -> None:
+def register_backend(name: str, factory: Factory, available: Callable[[], bool],
+                     missing: str | Callable[[], str] = "") -> None:
     """Make backend ``name`` known to ``--backend``; ``available()`` says whether it can run here."""
     _BACKENDS[name] = _Entry(factory, available, missing or f"the {name} backend cannot run on this machine")
 
@@ -106,12 +110,12 @@ def choose_backend(name: str) -> str:
         for candidate in ("ort-training", "portable"):
             if candidate in _BACKENDS and _BACKENDS[candidate].available():
                 return candidate
-        reasons = "; ".join(entry.missing for entry in _BACKENDS.values())
+        reasons = "; ".join(f"{name}: {entry.why_missing()}" for name, entry in _BACKENDS.items())
         raise EdgetuneError(f"--backend auto found no backend that runs here: {reasons}.")
     if name not in _BACKENDS:
         raise EdgetuneError(f"unknown --backend {name!r}; choose one of: {', '.join(backend_names())}.")
     if not _BACKENDS[name].available():
-        raise EdgetuneError(f"--backend {name}: {_BACKENDS[name].missing}.")
+        raise EdgetuneError(f"--backend {name}: {_BACKENDS[name].why_missing()}.")
     return name
 
 
@@ -128,6 +132,12 @@ def open_backend(name: str, bundle: "Bundle", *, checkpoint: Path | None = None,
 register_backend("ort-training", lazy("edgetune.runtime.ort_backend:OrtTrainingBackend"), _training_build,
                  "it needs onnxruntime-training-cpu==1.19.2 (x86-64 Linux, Python 3.10/3.11): "
                  "`pip install onnxruntime-training-cpu==1.19.2`")
+def _portable_missing() -> str:
+    if not _module_exists("edgetune.runtime.portable_backend"):
+        return "this edgetune does not include it; use --backend ort-training"
+    return "it needs the onnxruntime package: `pip install onnxruntime`"
+
+
 register_backend("portable", lazy("edgetune.runtime.portable_backend:PortableBackend"),
                  lambda: _module_exists("edgetune.runtime.portable_backend") and _module_exists("onnxruntime"),
-                 "it needs the onnxruntime package (`pip install onnxruntime`) and an edgetune that includes it")
+                 _portable_missing)
