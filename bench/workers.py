@@ -52,11 +52,12 @@ def measure(step, warmup: int, steps: int) -> dict:
 
 
 def run_edgetune(a: dict) -> dict:
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.runtime.backend import open_backend
 
-    manifest = read_manifest(a["bundle"], verify=False)
-    backend = open_backend("ort-training", Path(a["bundle"]), manifest, threads=a["threads"])
+    bundle = Bundle.open(a["bundle"], verify=False)
+    manifest = bundle.manifest
+    backend = open_backend("ort-training", bundle, threads=a["threads"])
     data = make_batch(manifest.base_model["config"]["vocab_size"], a["batch"], a["seq"], a["prompt_fraction"])
 
     def step() -> float:
@@ -112,7 +113,7 @@ def run_gemm(a: dict) -> dict:
     import numpy as np
     from onnx import TensorProto, helper
 
-    from edgetune.runtime.ort_backend import session_options
+    from edgetune.runtime.session_options import training_options
     from edgetune.runtime.ort_import import onnxruntime
 
     ort = onnxruntime()
@@ -123,7 +124,7 @@ def run_gemm(a: dict) -> dict:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     # The same threading as the ort-training backend's sessions.
-    session = ort.InferenceSession(model.SerializeToString(), session_options(a["threads"]),
+    session = ort.InferenceSession(model.SerializeToString(), training_options(a["threads"]),
                                    providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {x: rng.random((n, n), dtype=np.float32) for x in "ab"}

@@ -132,26 +132,90 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 
 
 def read_manifest(folder: Path | str, verify: bool = True) -> Manifest:
-    """Read and validate a bundle folder. ``verify`` re-hashes every artifact (about 1 s per GB)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BundleError(f"bundle {str(folder)!r} is not a folder; give the folder `edgetune export` wrote.")
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"bundle {str(folder)!r} has no {MANIFEST}; it is not an edgetune bundle or was not finished.")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc}); re-export the bundle.") from None
-    manifest = Manifest.from_dict(data, where=str(path))
-    missing = [name for name in manifest.files if not (folder / name).is_file()]
-    if missing:
-        raise BundleError(f"bundle {str(folder)!r} is incomplete: missing {', '.join(missing)}; re-export or copy it again.")
-    if verify:
-        bad = [name for name, digest in manifest.files.items() if sha256_file(folder / name) != digest]
-        if bad:
-            raise BundleError(
-                f"bundle {str(folder)!r}: {', '.join(bad)} do(es) not match the manifest's SHA-256; "
-                "the files are damaged or were changed after export — copy or re-export the bundle."
-            )
-    return manifest
+    """The manifest of a validated bundle folder; prefer ``Bundle.open`` (it also resolves file roles)."""
+    return Bundle.open(folder, verify=verify).manifest
+
+
+# File role -> the name the exporter writes; ``generation`` and ``tokenizer`` come from the manifest.
+ROLE_FILES = {
+    "training": "training_model.onnx",
+    "eval": "eval_model.onnx",
+    "optimizer": "optimizer_model.onnx",
+    "checkpoint": "checkpoint",  # ONNX Runtime training checkpoint: all parameters + AdamW moments
+    "portable": "portable_model.onnx",  # stock-onnxruntime backend graphs (not exported yet)
+    "portable_eval": "portable_eval_model.onnx",
+}
+ROLES = (*ROLE_FILES, "generation", "tokenizer")
+STATE_DIR = "train-state"
+
+
+class Bundle:
+    """One bundle folder whose manifest and files were validated (and hashed) once.
+
+    Every file an engine opens is named in ``manifest.files``, lies strictly inside ``folder``
+    (no ``..``, no absolute path, no symlink out; ONNX external data included) and, unless opened
+    with ``verify=False``, matched its SHA-256 when the bundle was opened. Anything else in the
+    folder is never read. Callers ask ``path(role)`` instead of joining file names.
+    """
+
+    def __init__(self, folder: Path, manifest: Manifest, verified: bool):
+        self.folder = folder
+        self.manifest = manifest
+        self.verified = verified
+
+    @classmethod
+    def open(cls, folder: Path | str, *, verify: bool = True) -> "Bundle":
+        from edgetune.bundle_paths import check_external_data, check_listed_paths
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise BundleError(f"bundle {str(folder)!r} is not a folder; give the folder `edgetune export` wrote.")
+        path = folder / MANIFEST
+        if not path.is_file() or path.is_symlink():
+            raise BundleError(f"bundle {str(folder)!r} has no {MANIFEST}; it is not an edgetune bundle or was not finished.")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{path}: not valid JSON ({exc}); re-export the bundle.") from None
+        if not isinstance(data, dict):
+            raise BundleError(f"{path}: the manifest is not a JSON object; re-export the bundle.")
+        manifest = Manifest.from_dict(data, where=str(path))
+        check_listed_paths(folder, manifest)
+        if verify:
+            bad = [name for name, digest in manifest.files.items() if sha256_file(folder / name) != digest]
+            if bad:
+                raise BundleError(
+                    f"bundle {str(folder)!r}: {', '.join(bad)} do(es) not match the manifest's SHA-256; "
+                    "the files are damaged or were changed after export — copy or re-export the bundle."
+                )
+        check_external_data(folder, manifest)
+        return cls(folder, manifest, verify)
+
+    def file_name(self, role: str) -> str | None:
+        """The bundle-relative name of ``role``'s file, or None when the bundle has no such file."""
+        if role == "generation":
+            name = self.manifest.generation.file if self.manifest.generation else None
+        elif role == "tokenizer":
+            name = self.manifest.tokenizer.file
+        elif role in ROLE_FILES:
+            name = ROLE_FILES[role]
+        else:
+            raise ValueError(f"unknown bundle file role {role!r}; known: {', '.join(ROLES)}")
+        return name if name in self.manifest.files else None
+
+    def has(self, role: str) -> bool:
+        return self.file_name(role) is not None
+
+    def path(self, role: str) -> Path:
+        """The checked path of ``role``'s file; BundleError when the bundle has none."""
+        name = self.file_name(role)
+        if name is None:
+            raise BundleError(f"bundle {str(self.folder)!r} has no {role} file; re-export it with this edgetune.")
+        return self.folder / name
+
+    def state_folder(self, override: Path | None = None) -> Path:
+        """Where training state lives: ``override`` (``--state-dir``) or ``<bundle>/train-state``."""
+        return Path(override) if override is not None else self.folder / STATE_DIR
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.folder)!r})"

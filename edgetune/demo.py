@@ -32,9 +32,10 @@ def run(*args: str) -> None:
 
 
 def heldout_answers(bundle: Path, records: list[dict], use_adapter: bool) -> list[str]:
+    from edgetune.bundle import Bundle
     from edgetune.runtime.answer import Answerer
 
-    answerer = Answerer(bundle, verify=False)
+    answerer = Answerer(Bundle.open(bundle, verify=False))
     return [answerer(f"{r['instruction']}\n\n{r['context']}", max_new_tokens=24, use_adapter=use_adapter) for r in records]
 
 

@@ -31,27 +31,31 @@ from edgetune.quantization import dequantize_rows, quantize_rows
 
 def merge_adapter(bundle_dir: Path | str, manifest: Manifest, adapter: dict[str, np.ndarray], out_path: Path | str) -> None:
     """Write ``out_path``: the bundle's generation graph with ``adapter`` (graph_name -> array) folded in."""
-    from edgetune.methods import config_from_dict
+    from edgetune.methods import get_method
     from edgetune.runtime.adapter_source import check_adapter
 
     info = manifest.generation
     if info is None:
         raise BundleError(f"bundle {str(bundle_dir)!r} has no generation graph to merge into; re-export it.")
-    if manifest.method.get("name") != "lora":
+    if manifest.method.get("name") != "lora":  # the graph surgery below finds LoRA branches
         raise BundleError(f"merging needs a LoRA bundle; this bundle's method is {manifest.method.get('name')!r}.")
-    scaling = config_from_dict("lora", manifest.method["config"]).scaling
+    spec = get_method("lora")
+    config = spec.config(manifest)
     check_adapter(manifest, adapter)
     path = Path(bundle_dir) / info.file
     if not path.is_file():
         raise BundleError(f"bundle {str(bundle_dir)!r} is missing its generation graph {info.file}; copy or re-export it.")
     proto = onnx.load(str(path))
     tensors = {name: np.asarray(adapter[g], dtype=np.float32) for name, g in info.adapter_inputs.items()}
-    merge_lora_graph(proto, tensors, scaling)
+    merge_lora_graph(proto, tensors, lambda layer: spec.weight_delta(config, layer))
     save_model(proto, Path(out_path))
 
 
-def merge_lora_graph(proto: onnx.ModelProto, tensors: dict[str, np.ndarray], scaling: float) -> None:
-    """In place: fold every ``<module>.lora_A`` / ``<module>.lora_B`` input pair (given in ``tensors``)."""
+def merge_lora_graph(proto: onnx.ModelProto, tensors: dict[str, np.ndarray], weight_delta) -> None:
+    """In place: fold every ``<module>.lora_A`` / ``<module>.lora_B`` input pair (given in ``tensors``).
+
+    ``weight_delta({"lora_A": A, "lora_B": B}) -> (out, in)`` is the method's merge (``MethodSpec.weight_delta``).
+    """
     graph = proto.graph
     layers: dict[str, dict[str, str]] = {}  # module -> {"lora_A": input name, "lora_B": input name}
     for name in tensors:
@@ -75,7 +79,7 @@ def merge_lora_graph(proto: onnx.ModelProto, tensors: dict[str, np.ndarray], sca
         if uses.get(weight, 0) != 1:  # shared (e.g. tied) weight: merging would change its other uses too
             raise BundleError(f"base weight {weight!r} is read by {uses.get(weight, 0)} nodes; "
                               "merging supports layers with their own weight only.")
-        delta = scaling * (tensors[pair["lora_B"]] @ tensors[pair["lora_A"]])  # (out, r) @ (r, in) -> (out, in)
+        delta = weight_delta({role: tensors[name] for role, name in pair.items()})  # (out, in)
         _fold(inits, dq, weight, delta)
     # Consumers of each join Add read the base output instead; the branch then feeds nothing.
     rename = {join.output[0]: base_out for join, base_out in joins.values()}

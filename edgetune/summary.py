@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from edgetune.bundle import Manifest
+from edgetune.bundle import Bundle
+from edgetune.methods import get_method
 
 
 def human_bytes(n: float) -> str:
@@ -15,15 +14,14 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def bundle_summary(folder: Path, m: Manifest) -> str:
+def bundle_summary(bundle: Bundle) -> str:
+    folder, m = bundle.folder, bundle.manifest
     trainable = sum(_numel(t.shape) for t in m.trainable)
     frozen = sum(_numel(t.shape) for t in m.frozen)
     quantized = sum(1 for t in m.frozen if t.quantization != "none")
-    sizes = {name: (Path(folder) / name).stat().st_size for name in m.files if (Path(folder) / name).exists()}
-    cfg = m.method["config"]
-    method = m.method["name"]
-    if method == "lora":
-        method += f" r={cfg['rank']} alpha={cfg['alpha']:g} on {','.join(cfg['targets'])}" + (" (rsLoRA)" if cfg.get("use_rslora") else "")
+    sizes = {name: (folder / name).stat().st_size for name in m.files}  # Bundle.open checked they exist
+    spec = get_method(m.method["name"])
+    method = spec.summary(spec.config(m))
     lines = [
         f"bundle      {folder}  (schema {m.schema_version})",
         f"base model  {m.base_model['id']}  [{m.base_model['model_type']}]  sha256 {m.base_sha256[:16]}…",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetune.bundle import read_manifest
+from edgetune.bundle import Bundle, read_manifest
 
 pytestmark = pytest.mark.slow
 DATA = Path(str(resources.files("edgetune") / "data"))
@@ -38,17 +38,17 @@ def test_training_improves_heldout_task(default_bundle):
     from edgetune.runtime.trainer import TrainOptions, train
 
     held = DATA / "records-heldout.jsonl"
-    before = evaluate(default_bundle, held, max_seq_len=128)["with_adapter"]["loss"]
-    result = train(default_bundle, TrainOptions(data=DATA / "records-train.jsonl", steps=30, batch_size=8, lr=1e-3,
+    before = evaluate(Bundle.open(default_bundle), held, max_seq_len=128)["with_adapter"]["loss"]
+    result = train(Bundle.open(default_bundle), TrainOptions(data=DATA / "records-train.jsonl", steps=30, batch_size=8, lr=1e-3,
                                                 warmup=3, max_seq_len=128, save_every=100), progress=False)
     assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
-    after = evaluate(default_bundle, held, max_seq_len=128)
+    after = evaluate(Bundle.open(default_bundle), held, max_seq_len=128)
     assert after["with_adapter"]["loss"] < 0.7 * before
     assert abs(after["without_adapter"]["loss"] - before) < 1e-4  # adapter off is the base model
     from edgetune.runtime.answer import Answerer
 
     records = [json.loads(x) for x in held.read_text().splitlines()][:8]
-    answerer = Answerer(default_bundle, verify=False)
+    answerer = Answerer(Bundle.open(default_bundle, verify=False))
     exact = lambda on: sum(answerer(f"{r['instruction']}\n\n{r['context']}", max_new_tokens=24, use_adapter=on) == r["output"]  # noqa: E731
                            for r in records)
     assert exact(True) > exact(False)
@@ -59,7 +59,7 @@ def test_delta_is_under_half_a_percent_of_the_base(default_bundle, tmp_path):
     from edgetune.runtime.adapter_source import latest_adapter
 
     m = read_manifest(default_bundle)
-    tensors = {t.peft_key: v for t, v in zip(m.trainable, (latest_adapter(default_bundle, m).tensors[t.graph_name] for t in m.trainable))}
+    tensors = {t.peft_key: v for t, v in zip(m.trainable, (latest_adapter(Bundle.open(default_bundle, verify=False)).tensors[t.graph_name] for t in m.trainable))}
     base_bytes = 4 * m.base_model["parameters"]
     sizes = {}
     for codec in ("fp32", "fp16", "int8"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetune.bundle import read_manifest
+from edgetune.bundle import Bundle, read_manifest
 
 
 def _cli(*args):
@@ -28,15 +28,15 @@ def trained(tiny_bundle, tmp_path_factory) -> tuple[Path, dict]:
     shutil.copytree(tiny_bundle, bundle)
     manifest = read_manifest(bundle)
     rng = np.random.default_rng(7)
-    adapter = {k: (v + rng.normal(0, 0.2, v.shape)).astype(np.float32) for k, v in initial_adapter(bundle, manifest).items()}
-    import_adapter(bundle, manifest, adapter, "test adapter")
+    adapter = {k: (v + rng.normal(0, 0.2, v.shape)).astype(np.float32) for k, v in initial_adapter(Bundle.open(bundle)).items()}
+    import_adapter(Bundle.open(bundle), adapter, "test adapter")
     return bundle, adapter
 
 
 def _logits_onnx(bundle, adapter, batch):
     from edgetune.runtime.generate import Generator
 
-    return Generator(bundle, read_manifest(bundle)).logits(batch["input_ids"], batch["attention_mask"], adapter)
+    return Generator(Bundle.open(bundle)).logits(batch["input_ids"], batch["attention_mask"], adapter)
 
 
 def _batch(vocab, seed=0):
@@ -88,7 +88,7 @@ def test_from_peft_imports_a_peft_saved_adapter(tiny_bundle, tiny_model_dir, tmp
     model.save_pretrained(tmp_path / "server-adapter")  # PEFT's own writer
     r = _cli("from-peft", tmp_path / "server-adapter", "--bundle", bundle)
     assert r.returncode == 0, r.stderr
-    got = latest_adapter(bundle, manifest).tensors
+    got = latest_adapter(Bundle.open(bundle)).tensors
     from peft import get_peft_model_state_dict
 
     saved = {k: v.numpy() for k, v in get_peft_model_state_dict(model).items()}
@@ -118,8 +118,8 @@ def test_codecs_keep_the_adapter_effect(trained, tmp_path, codec, bound):
         for k in adapter:
             np.testing.assert_array_equal(decoded[k], adapter[k])
     data = _pairs(tmp_path)
-    full = evaluate(bundle, data, adapter=adapter)["with_adapter"]["loss"]
-    coded = evaluate(bundle, data, adapter=decoded)["with_adapter"]["loss"]
+    full = evaluate(Bundle.open(bundle), data, adapter=adapter)["with_adapter"]["loss"]
+    coded = evaluate(Bundle.open(bundle), data, adapter=decoded)["with_adapter"]["loss"]
     assert abs(coded - full) <= max(bound, 0.0) * full + 1e-7  # int8: within 1 % of fp32 (stated bound 1e-2)
     r = _cli("delta", "inspect", path)
     assert r.returncode == 0 and codec in r.stdout, r.stderr

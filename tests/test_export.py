@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgetune.bundle import read_manifest
+from edgetune.bundle import Bundle, read_manifest
 from tests.reference import peft_adamw_step, peft_model
 
 RTOL = 1e-4
@@ -29,7 +29,7 @@ def _batch(manifest, seed=0, batch=3, seq=12):
 def _ort_step(bundle, manifest, batch, lr, start: dict | None):
     from edgetune.runtime.backend import open_backend
 
-    backend = open_backend("ort-training", bundle, manifest)
+    backend = open_backend("ort-training", Bundle.open(bundle))
     if start is not None:
         backend.set_trainable(start)
     before = backend.trainable()
@@ -53,7 +53,7 @@ def test_one_adamw_step_matches_peft(export_tiny, tiny_model_dir, random_b, lora
         rng = np.random.default_rng(1)
         from edgetune.runtime.adapter_source import initial_adapter
 
-        start = {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in initial_adapter(tiny_bundle, manifest).items()}
+        start = {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in initial_adapter(Bundle.open(tiny_bundle)).items()}
     loss, before, after = _ort_step(tiny_bundle, manifest, batch, lr, start)
     by_peft = {t.peft_key: before[t.graph_name] for t in manifest.trainable}
     ref_loss, ref_after = peft_adamw_step(peft_model(tiny_model_dir, manifest, by_peft), batch, lr, manifest.optimizer)
@@ -89,10 +89,10 @@ def test_int8_bundle_stays_close_to_fp32(tiny_bundle, tiny_bundle_int8):
     quantized = {t.graph_name for t in m8.frozen if t.quantization != "none"}
     assert "model.model.embed_tokens.weight" in quantized and any("q_proj.base.weight" in n for n in quantized)
     batch = _batch(m32)
-    losses = [open_backend("ort-training", b, m, with_eval=True, training=False).eval_loss(batch)
+    losses = [open_backend("ort-training", Bundle.open(b), with_eval=True, training=False).eval_loss(batch)
               for b, m in ((tiny_bundle, m32), (tiny_bundle_int8, m8))]
     assert abs(losses[0] - losses[1]) <= 0.01 * losses[0]  # stated: eval loss within 1 %
-    logits = [Generator(b, m).logits(batch["input_ids"], batch["attention_mask"], initial_adapter(b, m))
+    logits = [Generator(Bundle.open(b)).logits(batch["input_ids"], batch["attention_mask"], initial_adapter(Bundle.open(b)))
               for b, m in ((tiny_bundle, m32), (tiny_bundle_int8, m8))]
     # stated tolerance: relative L2 error of the logits <= 2 %, largest error <= 5 % of the largest logit
     assert np.linalg.norm(logits[0] - logits[1]) <= 0.02 * np.linalg.norm(logits[0])

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edgetune.bundle import Manifest, TensorInfo, TokenizerInfo
+from edgetune.bundle import Bundle, Manifest, TensorInfo, TokenizerInfo, sha256_file
 from edgetune.errors import BundleError
 from edgetune.methods import LoraConfig
 
@@ -58,11 +58,17 @@ def exported(tmp_path_factory):
     for quantize in (False, True):
         folder = tmp_path_factory.mktemp("int8" if quantize else "fp32")
         info = export_generation_graph(model, trainables, folder / "generation_model.onnx", quantize=quantize)
-        bundles[quantize] = (folder, _manifest(info, adapter))
+        bundles[quantize] = _bundle(folder, _manifest(info, adapter))
     # Export leaves the model as it was: same values (incl. the adapter), no cache switched on.
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.config.use_cache is False
     return model, bundles, adapter
+
+
+def _bundle(folder, manifest: Manifest) -> Bundle:
+    """A generation-only bundle (no manifest file on disk): the generation graph is its one listed file."""
+    manifest.files = {manifest.generation.file: sha256_file(folder / manifest.generation.file)}
+    return Bundle(folder, manifest, verified=True)
 
 
 def _manifest(info, adapter) -> Manifest:
@@ -104,7 +110,8 @@ def _restore(model, saved):
 
 def test_graph_interface(exported):
     _, bundles, adapter = exported
-    folder, manifest = bundles[False]
+    gb = bundles[False]
+    folder, manifest = gb.folder, gb.manifest
     info = manifest.generation
     assert (info.num_layers, info.num_kv_heads, info.head_dim) == (2, 2, 16)
     assert info.past_inputs[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
@@ -125,8 +132,9 @@ def test_logits_match_torch(exported, quantize):
     from edgetune.runtime.generate import Generator
 
     model, bundles, adapter = exported
-    folder, manifest = bundles[quantize]
-    gen = Generator(folder, manifest, threads=1)
+    gb = bundles[quantize]
+    folder, manifest = gb.folder, gb.manifest
+    gen = Generator(gb, threads=1)
     ids, mask = _batch()
     real = mask.astype(bool)  # compare real tokens only: padded positions are don't-care
     ref = _torch_logits(model, ids, mask)
@@ -137,7 +145,7 @@ def test_logits_match_torch(exported, quantize):
         ref_off = _torch_logits(model, ids, mask)
     finally:
         _restore(model, saved)
-    off = gen.logits(ids, mask, disabled(manifest))
+    off = gen.logits(ids, mask, disabled(manifest, adapter))
     tol = 1e-4 if not quantize else 0.05 * np.abs(ref[real]).max()  # stated in the module docstring
     assert np.abs(got[real] - ref[real]).max() <= tol
     assert np.abs(off[real] - ref_off[real]).max() <= tol
@@ -148,9 +156,10 @@ def test_greedy_with_cache_equals_full_forwards(exported):
     from edgetune.runtime.generate import Generator
 
     model, bundles, adapter = exported
-    folder, manifest = bundles[False]
+    gb = bundles[False]
+    folder, manifest = gb.folder, gb.manifest
     prompt = np.array([5, 17, 99, 3, 42], np.int64)
-    new = Generator(folder, manifest).generate(prompt, adapter, max_new_tokens=8)
+    new = Generator(gb).generate(prompt, adapter, max_new_tokens=8)
     ids = torch.from_numpy(prompt)[None, :]
     with torch.no_grad():
         for _ in range(8):
@@ -163,8 +172,9 @@ def test_stop_ids_and_sampling(exported):
     from edgetune.runtime.generate import Generator
 
     _, bundles, adapter = exported
-    folder, manifest = bundles[False]
-    gen = Generator(folder, manifest)
+    gb = bundles[False]
+    folder, manifest = gb.folder, gb.manifest
+    gen = Generator(gb)
     prompt = np.array([1], np.int64)  # a one-token prompt: past 0, T 1
     greedy = gen.generate(prompt, adapter, max_new_tokens=6).tolist()
     assert len(greedy) == 6
@@ -180,12 +190,13 @@ def test_wrong_adapter_is_one_error(exported):
     from edgetune.runtime.generate import Generator
 
     _, bundles, adapter = exported
-    folder, manifest = bundles[False]
+    gb = bundles[False]
+    folder, manifest = gb.folder, gb.manifest
     bad = dict(adapter)
     bad.pop("model.model.layers.0.self_attn.q_proj.lora_A")
     bad["model.model.layers.1.self_attn.v_proj.lora_B"] = np.zeros((3, 3), np.float32)
     with pytest.raises(BundleError, match="q_proj.lora_A is missing.*v_proj.lora_B has shape"):
-        Generator(folder, manifest).logits(*_batch(), bad)
+        Generator(gb).logits(*_batch(), bad)
 
 
 @pytest.mark.parametrize("quantize", [False, True])
@@ -194,7 +205,8 @@ def test_merged_graph_equals_adapter_graph(exported, quantize, tmp_path):
     from edgetune.runtime.generate import Generator
 
     _, bundles, adapter = exported
-    folder, manifest = bundles[quantize]
+    gb = bundles[quantize]
+    folder, manifest = gb.folder, gb.manifest
     out = tmp_path / "merged.onnx"
     merge_adapter(folder, manifest, adapter, out)
     merged = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -211,7 +223,7 @@ def test_merged_graph_equals_adapter_graph(exported, quantize, tmp_path):
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
              **{n: empty for n in manifest.generation.past_inputs}}
     got = merged.run(["logits"], feeds)[0]
-    ref = Generator(folder, manifest).logits(ids, mask, adapter)
+    ref = Generator(gb).logits(ids, mask, adapter)
     tol = 1e-4 if not quantize else 0.03 * np.abs(ref[real]).max()  # stated in the module docstring
     assert np.abs(got[real] - ref[real]).max() <= tol
 

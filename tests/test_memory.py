@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgetune.bundle import read_manifest
+from edgetune.bundle import Bundle, read_manifest
 from edgetune.export.memory_graph import GraphIndex
 from edgetune.export.memory_recompute import residual_stream
 from tests.test_export import _batch
@@ -29,8 +29,9 @@ def _loss_and_grads(bundle, batch, start):
     """One forward/backward; (loss, {trainable name: gradient}) read from ORT's checkpoint state."""
     from edgetune.runtime.backend import open_backend
 
-    manifest = read_manifest(bundle)
-    backend = open_backend("ort-training", bundle, manifest, training=False)
+    opened = Bundle.open(bundle)
+    manifest = opened.manifest
+    backend = open_backend("ort-training", opened, training=False)
     backend.set_trainable(start)
     loss = backend.train_step(batch)
     grads = {t.graph_name: np.array(backend._state.parameters[t.graph_name].grad) for t in manifest.trainable}
@@ -42,7 +43,7 @@ def _start(bundle):
     from edgetune.runtime.adapter_source import initial_adapter
 
     rng = np.random.default_rng(7)
-    adapter = initial_adapter(bundle, read_manifest(bundle))
+    adapter = initial_adapter(Bundle.open(bundle))
     return {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in sorted(adapter.items())}
 
 

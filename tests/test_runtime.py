@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetune.bundle import read_manifest
+from edgetune.bundle import Bundle, read_manifest
 
 HEAVY = ("torch", "transformers", "peft", "optimum")
 PAIRS = [
@@ -70,7 +70,7 @@ def test_loss_falls_on_memorisable_data(export_tiny, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(export_tiny(quantize="none", targets=ALL_LINEAR), bundle)
     data = _write_pairs(tmp_path / "pairs.jsonl")
-    result = train(bundle, TrainOptions(data=data, steps=30, batch_size=4, lr=1e-2, save_every=100), progress=False)
+    result = train(Bundle.open(bundle), TrainOptions(data=data, steps=30, batch_size=4, lr=1e-2, save_every=100), progress=False)
     assert len(result.losses) == 30
     start, end = np.mean(result.losses[:3]), np.mean(result.losses[-3:])
     assert end < 0.4 * start, (start, end)
@@ -128,11 +128,10 @@ def test_nan_loss_stops_and_keeps_checkpoint(bundle, tmp_path):
     from edgetune.runtime.import_adapter import import_adapter
     from edgetune.runtime.trainer import TrainOptions, train
 
-    manifest = read_manifest(bundle)
-    huge = {k: np.full_like(v, 3e38) for k, v in initial_adapter(bundle, manifest).items()}
-    ckpt = import_adapter(bundle, manifest, huge, "test: overflowing adapter")
+    huge = {k: np.full_like(v, 3e38) for k, v in initial_adapter(Bundle.open(bundle)).items()}
+    ckpt = import_adapter(Bundle.open(bundle), huge, "test: overflowing adapter")
     with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step 1; .*checkpoint at step 0"):
-        train(bundle, TrainOptions(data=_write_pairs(tmp_path / "d.jsonl"), steps=3), progress=False)
+        train(Bundle.open(bundle), TrainOptions(data=_write_pairs(tmp_path / "d.jsonl"), steps=3), progress=False)
     assert ckpt.exists() and (bundle / "train-state" / "LATEST").read_text().strip() == ckpt.name
 
 
@@ -155,7 +154,7 @@ def test_disk_full_while_checkpointing_keeps_previous(bundle, tmp_path, monkeypa
 
     monkeypatch.setattr(ort_backend.OrtTrainingBackend, "save", failing_save)
     with pytest.raises(TrainingError, match="disk is full .* step 4 .*checkpoint at step 2 is intact"):
-        train(bundle, TrainOptions(data=_write_pairs(tmp_path / "d.jsonl"), steps=6, save_every=2), progress=False)
+        train(Bundle.open(bundle), TrainOptions(data=_write_pairs(tmp_path / "d.jsonl"), steps=6, save_every=2), progress=False)
     latest = StateDir(bundle / "train-state").latest()
     assert latest.trainer["step"] == 2 and set(latest.adapter()) == {t.graph_name for t in read_manifest(bundle).trainable}
     assert not list((bundle / "train-state").glob(".*partial"))

@@ -11,11 +11,11 @@ PATH = click.Path(path_type=Path)
 
 
 def _bundle_adapter(bundle: Path, state_dir: Path | None):
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.runtime.adapter_source import latest_adapter
 
-    manifest = read_manifest(bundle)
-    return manifest, latest_adapter(bundle, manifest, state_dir)
+    opened = Bundle.open(bundle)
+    return opened.manifest, latest_adapter(opened, state_dir)
 
 
 def _by_peft(manifest, tensors: dict) -> dict:
@@ -142,13 +142,14 @@ def to_peft(delta_path, bundle, out, since, trusted, force):
 @click.option("--force", is_flag=True, help="Replace a training run that is already in the state folder.")
 def from_peft(folder, bundle, state_dir, force):
     """Import a PEFT LoRA adapter FOLDER as the starting point of on-device training."""
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.peft_io import read_peft_adapter
     from edgetune.runtime.import_adapter import import_adapter
 
-    manifest = read_manifest(bundle)
+    opened = Bundle.open(bundle)
+    manifest = opened.manifest
     tensors = _by_graph(manifest, read_peft_adapter(folder, manifest))
-    ckpt = import_adapter(bundle, manifest, tensors, f"imported from PEFT {folder}", state_dir=state_dir, force=force)
+    ckpt = import_adapter(opened, tensors, f"imported from PEFT {folder}", state_dir=state_dir, force=force)
     click.echo(f"imported {len(tensors)} tensors from {folder} into {ckpt}; `edgetune train {bundle} ...` starts from it")
 
 

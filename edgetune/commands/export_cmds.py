@@ -8,23 +8,56 @@ from pathlib import Path
 import click
 
 
+def _method_options(command):
+    """One click option per method config field that declares a flag (``edgetune.methods``).
 
-def _targets(value: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in value.split(",") if t.strip())
+    Options default to None so that only what the user gave reaches the config (the rest keep the
+    method's defaults), and an option of another method than ``--method`` is refused by name.
+    """
+    from edgetune.methods import cli_options
+
+    for option in reversed(cli_options()):
+        help_text = f"[{', '.join(option.methods)}] {option.help}"
+        if option.kind == "flag":
+            command = click.option(option.flag, option.dest, is_flag=True, default=None, help=help_text)(command)
+        else:
+            kind = {"int": int, "float": float, "list": str}[option.kind]
+            command = click.option(option.flag, option.dest, type=kind, default=None, help=help_text)(command)
+    return command
+
+
+def method_config(method: str, given: dict):
+    """The config of ``method`` from the method options given (click dest -> value, None = not given)."""
+    from edgetune.errors import ExportError
+    from edgetune.methods import cli_options, get_method
+
+    spec = get_method(method)
+    chosen = {o.dest: o for o in cli_options()}
+    given = {dest: value for dest, value in given.items()  # an absent flag arrives as False
+             if value is not None and not (chosen[dest].kind == "flag" and value is False)}
+    foreign = [chosen[dest].flag for dest in given if method not in chosen[dest].methods]
+    if foreign:
+        own = [o.flag for o in spec.config_class.cli_options()]
+        raise ExportError(f"{', '.join(foreign)} do(es) not apply to --method {method}; "
+                          f"its options are: {', '.join(own) or 'none'}.")
+    return spec.config_class.from_cli({chosen[dest].field: value for dest, value in given.items()})
+
+
+def _method_names() -> list[str]:
+    from edgetune.methods import method_names
+
+    return method_names()
 
 
 @click.command()
 @click.argument("model", required=False)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bundle"), show_default=True,
               help="Bundle folder to write (refused if it exists, unless --force).")
-@click.option("--method", default="lora", show_default=True, help="Adaptation method.")
-@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank r.")
-@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha; scaling = alpha / r.")
-@click.option("--targets", default="q_proj,v_proj", show_default=True, help="Comma-separated linear layers to adapt.")
-@click.option("--rslora", is_flag=True, help="Rank-stabilised LoRA: scaling = alpha / sqrt(r).")
+@click.option("--method", type=click.Choice(_method_names()), default="lora", show_default=True,
+              help="Adaptation method; the options marked [method] below set its config.")
+@_method_options
 @click.option("--quantize", default="int8", show_default=True, help="Frozen base weights: int8 (per output channel) or none (fp32).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay (baked into the optimizer graph).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the initial LoRA A matrices.")
 @click.option("--recompute", type=click.Choice(["full", "cheap", "mlp", "none"]), default="cheap", show_default=True,
               help="Activation recompute per residual block: full keeps only the block inputs (least memory); "
                    "cheap also keeps the frozen projections' outputs (fewer FLOPs); mlp is cheap in MLP "
@@ -36,26 +69,26 @@ def _targets(value: str) -> tuple[str, ...]:
               help="Keep the training graph exactly as ONNX Runtime's gradient builder writes it "
                    "(ignores --recompute and --loss-chunks; for comparisons).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def export(model, out, method, rank, alpha, targets, rslora, quantize, weight_decay, seed, recompute, loss_chunks,
-           no_memory_rewrites, force):
+def export(model, out, method, quantize, weight_decay, recompute, loss_chunks, no_memory_rewrites, force,
+           **method_options):
     """Export MODEL (a Hugging Face folder, a .gguf file, or a built-in name; default smollm2-135m)
     with a trainable adapter into an ONNX Runtime training bundle."""
     from edgetune.export.artifacts import AdamWSettings
     from edgetune.export.exporter import ExportOptions, check_output, export_bundle
-    from edgetune.methods import LoraConfig
 
-    check_output(Path(out), force)  # before loading torch: a fast, clear refusal
+    config = method_config(method, method_options)  # before loading torch: fast, clear refusals
+    check_output(Path(out), force)
     opts = ExportOptions(
-        source=model, out=out, method=method,
-        method_config=LoraConfig(rank=rank, alpha=alpha, targets=_targets(targets), use_rslora=rslora, seed=seed),
+        source=model, out=out, method=method, method_config=config,
         quantize=quantize, force=force, adamw=AdamWSettings(weight_decay=weight_decay),
         recompute=recompute, loss_chunks=loss_chunks, memory_rewrites=not no_memory_rewrites,
     )
     manifest = export_bundle(opts, report=lambda msg: click.echo(f"• {msg}", err=True))
     click.echo(f"wrote {out} in {manifest.producer['export_seconds']} s", err=True)
+    from edgetune.bundle import Bundle
     from edgetune.summary import bundle_summary
 
-    click.echo(bundle_summary(Path(out), manifest))
+    click.echo(bundle_summary(Bundle.open(out, verify=False)))  # export just hashed every file
 
 
 @click.command()
@@ -64,14 +97,14 @@ def export(model, out, method, rank, alpha, targets, rslora, quantize, weight_de
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifact files.")
 def inspect(bundle, as_json, no_verify):
     """Show what a bundle holds: base model, method, tensors, quantization, files."""
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.summary import bundle_summary
 
-    manifest = read_manifest(bundle, verify=not no_verify)
+    opened = Bundle.open(bundle, verify=not no_verify)
     if as_json:
-        click.echo(json.dumps(manifest.to_dict(), indent=2))
+        click.echo(json.dumps(opened.manifest.to_dict(), indent=2))
     else:
-        click.echo(bundle_summary(bundle, manifest))
+        click.echo(bundle_summary(opened))
 
 
 COMMANDS = [export, inspect]

@@ -12,6 +12,16 @@ THREADS = click.option("--threads", type=int, default=0, show_default=True, help
 STATE = click.option("--state-dir", type=click.Path(path_type=Path), default=None,
                      help="Training state folder (default: BUNDLE/train-state).")
 DATA_PATH = click.Path(exists=False, path_type=Path)
+BACKEND = click.option("--backend", default="auto", show_default=True,
+                       help="Engine that runs the graphs: ort-training (ONNX Runtime's training build), portable "
+                            "(stock onnxruntime), or auto (ort-training when installed, else portable).")
+
+
+def _backend(name: str) -> str:
+    """``--backend`` checked before the bundle is hashed or any data is read."""
+    from edgetune.runtime.backend import choose_backend
+
+    return choose_backend(name)
 
 
 def _check_file(path: Path, option: str) -> None:
@@ -37,15 +47,17 @@ def _check_file(path: Path, option: str) -> None:
 @click.option("--restart", is_flag=True, help="Discard the state folder and start from the bundle's adapter.")
 @click.option("--eval-data", type=DATA_PATH, default=None, help="Held-out JSONL: report loss before and after.")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed lines and records (counted) instead of stopping.")
-@click.option("--backend", default="ort-training", show_default=True, help="Training backend.")
+@BACKEND
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @THREADS
 @STATE
 def train(bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len, lr, warmup, seed, save_every,
           resume, restart, eval_data, skip_bad, backend, quiet, threads, state_dir):
     """Fine-tune the bundle's adapter on DATA, on this device. Checkpoints are crash-safe."""
+    from edgetune.bundle import Bundle
     from edgetune.runtime.trainer import TrainOptions, train as run
 
+    backend = _backend(backend)
     _check_file(data, "--data")
     if eval_data is not None:
         _check_file(eval_data, "--eval-data")
@@ -53,7 +65,8 @@ def train(bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len, lr, 
                         max_seq_len=max_seq_len, lr=lr, warmup=warmup, seed=seed, threads=threads,
                         save_every=save_every, resume=resume, restart=restart, skip_bad=skip_bad,
                         backend=backend, state_dir=state_dir)
-    before = _eval(bundle, eval_data, batch_size, max_seq_len, threads, state_dir, skip_bad) if eval_data else None
+    bundle = Bundle.open(bundle)  # hashed once, shared by the evaluations before and after
+    before = _eval(bundle, eval_data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend) if eval_data else None
     result = run(bundle, opts, progress=not quiet, log=lambda m: click.echo(m, err=True))
     d = result.data
     click.echo(f"trained steps {result.start_step}..{result.steps}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
@@ -64,16 +77,16 @@ def train(bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len, lr, 
                f"{d['skipped_bad']} bad lines skipped, {d['dropped_empty']} dropped with no label tokens")
     click.echo(f"checkpoint: {result.checkpoint}")
     if eval_data is not None:
-        after = _eval(bundle, eval_data, batch_size, max_seq_len, threads, state_dir, skip_bad)
+        after = _eval(bundle, eval_data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend)
         click.echo(f"eval loss: {before['with_adapter']['loss']:.4f} -> {after['with_adapter']['loss']:.4f} "
                    f"(perplexity {before['with_adapter']['perplexity']:.2f} -> {after['with_adapter']['perplexity']:.2f})")
 
 
-def _eval(bundle, data, batch_size, max_seq_len, threads, state_dir, skip_bad):
+def _eval(bundle, data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend):
     from edgetune.runtime.evaluate import evaluate
 
     return evaluate(bundle, data, batch_size=batch_size, max_seq_len=max_seq_len, threads=threads,
-                    state_dir=state_dir, skip_bad=skip_bad)
+                    state_dir=state_dir, skip_bad=skip_bad, backend_name=backend)
 
 
 @click.command(name="eval")
@@ -83,12 +96,16 @@ def _eval(bundle, data, batch_size, max_seq_len, threads, state_dir, skip_bad):
 @click.option("--max-seq-len", type=int, default=256, show_default=True)
 @click.option("--skip-bad", is_flag=True, help="Skip malformed lines instead of stopping.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@BACKEND
 @THREADS
 @STATE
-def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, threads, state_dir):
+def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, backend, threads, state_dir):
     """Loss and perplexity on held-out DATA, with the latest adapter and without it."""
+    from edgetune.bundle import Bundle
+
+    backend = _backend(backend)
     _check_file(data, "--data")
-    r = _eval(bundle, data, batch_size, max_seq_len, threads, state_dir, skip_bad)
+    r = _eval(Bundle.open(bundle), data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
@@ -112,9 +129,10 @@ def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, threads, 
 @STATE
 def generate(bundle, prompt, system, max_new_tokens, temperature, top_p, seed, no_adapter, raw, threads, state_dir):
     """Answer PROMPT with the latest trained adapter (the answer alone on stdout)."""
+    from edgetune.bundle import Bundle
     from edgetune.runtime.answer import answer
 
-    text, origin = answer(bundle, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+    text, origin = answer(Bundle.open(bundle), prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed, use_adapter=not no_adapter, raw=raw, threads=threads,
                           state_dir=state_dir)
     click.echo(f"[adapter: {origin}]", err=True)

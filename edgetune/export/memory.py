@@ -22,7 +22,7 @@ must exist to tell forward from backward uses):
 All keep every operation and operand as it was, so losses, gradients and updated adapters are
 what the plain graph gives (tests/test_memory.py compares them). The eval model gets rewrite 1
 only. The saving is real only if the session frees each value at its last use: the runtime turns
-off ORT's static buffer sharing for training sessions (``runtime/ort_backend.session_options``).
+off ORT's static buffer sharing for training sessions (``runtime/session_options.training_options``).
 """
 
 from __future__ import annotations

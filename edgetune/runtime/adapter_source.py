@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgetune.bundle import Manifest
 from edgetune.errors import BundleError
-from edgetune.runtime.ort_import import training_api
-from edgetune.runtime.state import STATE_DIR, StateDir
+from edgetune.runtime.backend import AUTO, open_backend
+from edgetune.runtime.state import StateDir
+
+if TYPE_CHECKING:
+    from edgetune.bundle import Bundle
 
 
 @dataclass
@@ -21,20 +25,19 @@ class AdapterTensors:
     trainer: dict | None = None
 
 
-def latest_adapter(bundle: Path, manifest: Manifest, state_dir: Path | None = None) -> AdapterTensors:
+def latest_adapter(bundle: "Bundle", state_dir: Path | None = None, backend: str = AUTO) -> AdapterTensors:
     """The newest checkpoint's adapter, or the bundle's initial one when nothing was trained."""
-    latest = StateDir(state_dir or Path(bundle) / STATE_DIR).latest()
+    latest = StateDir(bundle.state_folder(state_dir)).latest()
     if latest is not None:
         step = int(latest.trainer.get("step", 0))
         origin = latest.trainer.get("origin") or f"trained, step {step}"
         return AdapterTensors(latest.adapter(), origin, step, latest.trainer)
-    return AdapterTensors(initial_adapter(bundle, manifest), "bundle's initial adapter")
+    return AdapterTensors(initial_adapter(bundle, backend), "bundle's initial adapter")
 
 
-def initial_adapter(bundle: Path, manifest: Manifest) -> dict[str, np.ndarray]:
-    """The trainable tensors as exported, read from the bundle's ORT checkpoint."""
-    state = training_api().CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
-    return {t.graph_name: np.array(state.parameters[t.graph_name].data, dtype=np.float32) for t in manifest.trainable}
+def initial_adapter(bundle: "Bundle", backend: str = AUTO) -> dict[str, np.ndarray]:
+    """The trainable tensors as exported (graph name -> array), read by ``backend`` from the bundle."""
+    return open_backend(backend, bundle, training=False).initial_adapter()
 
 
 def check_adapter(manifest: Manifest, adapter: dict[str, np.ndarray]) -> None:
@@ -49,6 +52,8 @@ def check_adapter(manifest: Manifest, adapter: dict[str, np.ndarray]) -> None:
         raise BundleError(f"the adapter does not fit this bundle: {'; '.join(problems)}. Use an adapter trained for it.")
 
 
-def disabled(manifest: Manifest) -> dict[str, np.ndarray]:
-    """Tensors that switch the adapter off: for LoRA, B = 0 (and A = 0) gives the base model."""
-    return {t.graph_name: np.zeros(t.shape, np.float32) for t in manifest.trainable}
+def disabled(manifest: Manifest, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tensors that switch ``adapter`` off, as the bundle's method defines it (LoRA: B = 0, A kept)."""
+    from edgetune.methods import get_method
+
+    return get_method(manifest.method["name"]).adapter_off(manifest, adapter)

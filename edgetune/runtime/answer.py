@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetune.bundle import read_manifest
+from edgetune.bundle import Bundle
 from edgetune.errors import EdgetuneError
 from edgetune.runtime.adapter_source import disabled, latest_adapter
 from edgetune.runtime.data import prompt_ids
@@ -17,15 +17,15 @@ from edgetune.runtime.text import load_text
 class Answerer:
     """Keeps the generation session open for several prompts (demo, held-out checks)."""
 
-    def __init__(self, bundle: Path, *, threads: int = 0, state_dir: Path | None = None, verify: bool = True):
-        self.bundle = Path(bundle)
-        self.manifest = read_manifest(self.bundle, verify=verify)
+    def __init__(self, bundle: Bundle, *, threads: int = 0, state_dir: Path | None = None):
+        self.bundle = bundle
+        self.manifest = bundle.manifest
         if self.manifest.generation is None:
-            raise EdgetuneError(f"bundle {str(bundle)!r} has no generation graph; re-export it with this edgetune.")
-        self.tokenizer, self.template = load_text(self.bundle, self.manifest)
-        self.generator = Generator(self.bundle, self.manifest, threads=threads)
-        self.trained = latest_adapter(self.bundle, self.manifest, state_dir)
-        self.off = disabled(self.manifest)
+            raise EdgetuneError(f"bundle {str(bundle.folder)!r} has no generation graph; re-export it with this edgetune.")
+        self.tokenizer, self.template = load_text(bundle)
+        self.generator = Generator(bundle, threads=threads)
+        self.trained = latest_adapter(bundle, state_dir)
+        self.off = disabled(self.manifest, self.trained.tensors)
 
     def __call__(self, prompt: str, *, system: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, use_adapter: bool = True, raw: bool = False) -> str:
@@ -44,7 +44,7 @@ class Answerer:
         return self.tokenizer.decode([int(i) for i in new], skip_special_tokens=True).strip()
 
 
-def answer(bundle: Path, prompt: str, *, use_adapter: bool = True, threads: int = 0, state_dir: Path | None = None,
+def answer(bundle: Bundle, prompt: str, *, use_adapter: bool = True, threads: int = 0, state_dir: Path | None = None,
            **kwargs) -> tuple[str, str]:
     answerer = Answerer(bundle, threads=threads, state_dir=state_dir)
     origin = answerer.trained.origin if use_adapter else "off (base model)"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetune.bundle import read_manifest
+from edgetune.bundle import Bundle
 from edgetune.constants import IGNORE_INDEX
 from edgetune.runtime.adapter_source import disabled, latest_adapter
 from edgetune.runtime.backend import open_backend
@@ -42,20 +42,20 @@ def eval_loss(backend, examples, batch_size: int, pad_id: int) -> EvalResult:
     return EvalResult(loss, math.exp(min(loss, 700.0)), count, len(examples))
 
 
-def evaluate(bundle: Path, data: Path, *, batch_size: int = 4, max_seq_len: int = 256, threads: int = 0,
-             state_dir: Path | None = None, skip_bad: bool = False, backend_name: str = "ort-training",
+def evaluate(bundle: Bundle, data: Path, *, batch_size: int = 4, max_seq_len: int = 256, threads: int = 0,
+             state_dir: Path | None = None, skip_bad: bool = False, backend_name: str = "auto",
              adapter: dict[str, np.ndarray] | None = None) -> dict:
     """Evaluate with the latest trained adapter (or ``adapter``) and with the adapter off."""
-    bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    tokenizer, template = load_text(bundle, manifest)
+    manifest = bundle.manifest
+    tokenizer, template = load_text(bundle)
     examples, stats = load_examples(data, tokenizer, template, max_seq_len, skip_bad=skip_bad)
-    source = latest_adapter(bundle, manifest, state_dir)
-    backend = open_backend(backend_name, bundle, manifest, threads=threads, with_eval=True, training=False)
+    source = latest_adapter(bundle, state_dir, backend_name)
+    backend = open_backend(backend_name, bundle, threads=threads, with_eval=True, training=False)
     pad = manifest.tokenizer.pad_token_id
-    backend.set_trainable(adapter if adapter is not None else source.tensors)
+    used = adapter if adapter is not None else source.tensors
+    backend.set_trainable(used)
     on = eval_loss(backend, examples, batch_size, pad)
-    backend.set_trainable(disabled(manifest))
+    backend.set_trainable(disabled(manifest, used))
     off = eval_loss(backend, examples, batch_size, pad)
     return {"adapter": "given" if adapter is not None else source.origin, "with_adapter": on.__dict__,
             "without_adapter": off.__dict__, "data": stats.__dict__ if hasattr(stats, "__dict__") else stats}

@@ -1,4 +1,10 @@
-"""The ``ort-training`` backend: ``onnxruntime.training.api`` Module, Optimizer, CheckpointState."""
+"""The ``ort-training`` backend: ``onnxruntime.training.api`` Module, Optimizer, CheckpointState.
+
+The only module that uses ONNX Runtime's training build. Opened with ``training`` or ``with_eval``
+it loads the checkpoint and builds its sessions at once; opened with neither, it loads the
+checkpoint when tensors are first read and the training session only when tensors are written
+or a step runs, so reading the initial adapter never builds a session.
+"""
 
 from __future__ import annotations
 
@@ -6,78 +12,89 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetune.bundle import Manifest
-from edgetune.runtime.ort_import import onnxruntime, training_api
 from edgetune.runtime.backend import Batch
-
-TRAINING_MODEL = "training_model.onnx"
-EVAL_MODEL = "eval_model.onnx"
-OPTIMIZER_MODEL = "optimizer_model.onnx"
-CHECKPOINT = "checkpoint"
-
-
-def session_options(threads: int):
-    ort = onnxruntime()
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # warnings about unused initializers are noise for users
-    # No static buffer sharing between values. ORT's planner lets a later value take over a dead
-    # value's buffer of the same size, and then frees the buffer only after the last reader of
-    # *any* value on it; in a training graph those chains tie forward buffers to backward values
-    # (recomputed activations, gradients), so every forward activation stayed allocated until the
-    # backward pass and the exporter's activation recompute saved nothing: 1.27 GB peak RSS
-    # instead of 0.55 GB for SmolLM2-135M at 4 x 128 tokens with --recompute full (README,
-    # "Where the memory went"). Freed memory still returns to ORT's arena and is reused from
-    # there, so steps are not slower.
-    options.enable_mem_reuse = False
-    return options
+from edgetune.runtime.ort_import import training_api
+from edgetune.runtime.session_options import training_options
 
 
 class OrtTrainingBackend:
     name = "ort-training"
 
-    def __init__(self, bundle: Path, manifest: Manifest, *, checkpoint: Path | None, threads: int,
-                 with_eval: bool, training: bool):
-        api = training_api()
-        bundle = Path(bundle)
+    def __init__(self, bundle, *, checkpoint: Path | None, threads: int, with_eval: bool, training: bool):
+        self._bundle = bundle
+        self._checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self._threads, self._with_eval, self._training = threads, with_eval, training
+        manifest = bundle.manifest
         self._names = [t.graph_name for t in manifest.trainable]
-        self._state = api.CheckpointState.load_checkpoint(str(checkpoint or bundle / CHECKPOINT))
-        self._module = api.Module(
-            str(bundle / TRAINING_MODEL), self._state,
-            str(bundle / EVAL_MODEL) if with_eval else None,
-            session_options=session_options(threads),
-        )
-        self._optimizer = api.Optimizer(str(bundle / OPTIMIZER_MODEL), self._module) if training else None
         self._inputs = [i.name for i in manifest.inputs]
+        self._loaded = None  # CheckpointState
+        self._module = None
+        self._optimizer = None
+        if training or with_eval:  # opened to run: load now, so a step's time and memory are the step's
+            self._sessions()
+
+    # --- lazily loaded engine objects ---------------------------------------------------------
+    @property
+    def _state(self):
+        if self._loaded is None:
+            path = self._checkpoint or self._bundle.path("checkpoint")
+            self._loaded = training_api().CheckpointState.load_checkpoint(str(path))
+        return self._loaded
+
+    def _sessions(self):
+        if self._module is None:
+            api = training_api()
+            self._module = api.Module(
+                str(self._bundle.path("training")), self._state,
+                str(self._bundle.path("eval")) if self._with_eval else None,
+                session_options=training_options(self._threads),
+            )
+            if self._training:
+                self._optimizer = api.Optimizer(str(self._bundle.path("optimizer")), self._module)
+        return self._module
 
     def _feed(self, batch: Batch) -> list[np.ndarray]:
         return [np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs]
 
+    # --- TrainingBackend ----------------------------------------------------------------------
     def train_step(self, batch: Batch) -> float:
-        self._module.train()
-        return float(self._module(*self._feed(batch)))
+        module = self._sessions()
+        module.train()
+        return float(module(*self._feed(batch)))
 
     def optimizer_step(self, learning_rate: float) -> None:
+        self._sessions()
         self._optimizer.set_learning_rate(float(learning_rate))
         self._optimizer.step()
         self._module.lazy_reset_grad()
 
     def discard_gradients(self) -> None:
-        self._module.lazy_reset_grad()
+        self._sessions().lazy_reset_grad()
 
     def eval_loss(self, batch: Batch) -> float:
-        self._module.eval()
-        return float(self._module(*self._feed(batch)))
+        module = self._sessions()
+        module.eval()
+        return float(module(*self._feed(batch)))
 
     def trainable(self) -> dict[str, np.ndarray]:
-        return {name: np.array(self._state.parameters[name].data, dtype=np.float32) for name in self._names}
+        return self._read(self._state)
 
     def set_trainable(self, tensors: dict[str, np.ndarray]) -> None:
+        # The state's parameter buffers are writable once the Module holds them; writing to a merely
+        # loaded CheckpointState crashes the process (segmentation fault in onnxruntime 1.19.2).
+        self._sessions()
+        state = self._state
         for name, value in tensors.items():
-            self._state.parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
+            state.parameters[name].data = np.ascontiguousarray(value, dtype=np.float32)
+
+    def initial_adapter(self) -> dict[str, np.ndarray]:
+        if self._checkpoint is None and self._module is None:  # no session yet: nothing wrote to the state
+            return self._read(self._state)  # the bundle's own checkpoint, as loaded
+        return self._read(training_api().CheckpointState.load_checkpoint(str(self._bundle.path("checkpoint"))))
 
     def save(self, path: Path) -> None:
-        training_api().CheckpointState.save_checkpoint(self._state, str(path), include_optimizer_state=self._optimizer is not None)
+        training_api().CheckpointState.save_checkpoint(self._state, str(path),
+                                                       include_optimizer_state=self._optimizer is not None)
+
+    def _read(self, state) -> dict[str, np.ndarray]:
+        return {name: np.array(state.parameters[name].data, dtype=np.float32) for name in self._names}

@@ -30,6 +30,11 @@ def _training_folder() -> Path | None:
     return folder if (folder / "api").is_dir() else None
 
 
+def training_build_installed() -> bool:
+    """Whether the installed ``onnxruntime`` is the training build (found without importing it)."""
+    return _training_folder() is not None
+
+
 def onnxruntime():
     """The ``onnxruntime`` module, imported without its torch-loading side paths."""
     if "onnxruntime" not in sys.modules:
@@ -47,7 +52,10 @@ def onnxruntime():
 
 
 def training_api():
-    """``onnxruntime.training.api``; BundleError when the training build is not installed."""
+    """``onnxruntime.training.api``; BundleError when the training build is not installed.
+
+    Only ``ort_backend`` calls this: everything else reaches the training build through the backend.
+    """
     onnxruntime()
     if _training_folder() is None:  # the stock inference package has no training API
         raise BundleError(MISSING)

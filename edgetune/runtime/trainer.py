@@ -12,15 +12,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
-
-from edgetune.bundle import read_manifest, sha256_file
+from edgetune.bundle import Bundle, sha256_file
 from edgetune.errors import EdgetuneError, TrainingError
-from edgetune.runtime.backend import open_backend
+from edgetune.runtime.backend import choose_backend, open_backend
 from edgetune.runtime.batches import BatchPlan, pad_batch
 from edgetune.runtime.data import load_examples
 from edgetune.runtime.schedule import LinearSchedule
-from edgetune.runtime.state import STATE_DIR, StateDir
+from edgetune.runtime.state import StateDir
 from edgetune.runtime.text import load_text
 
 # What must match for --resume to continue the same run (anything else may change, e.g. threads).
@@ -43,7 +41,7 @@ class TrainOptions:
     resume: bool = False
     restart: bool = False
     skip_bad: bool = False
-    backend: str = "ort-training"
+    backend: str = "auto"  # a name registered in runtime/backend.py, or auto
     state_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -58,6 +56,7 @@ class TrainOptions:
             raise EdgetuneError("give --steps or --epochs, not both.")
         if self.resume and self.restart:
             raise EdgetuneError("give --resume or --restart, not both.")
+        self.backend = choose_backend(self.backend)  # before any data is read; resolves auto
 
 
 @dataclass
@@ -75,12 +74,11 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def train(bundle: Path, opts: TrainOptions, progress: bool = True, log=print) -> TrainResult:
-    bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    tokenizer, template = load_text(bundle, manifest)
+def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) -> TrainResult:
+    manifest = bundle.manifest
+    tokenizer, template = load_text(bundle)
     examples, stats = load_examples(opts.data, tokenizer, template, opts.max_seq_len, skip_bad=opts.skip_bad)
-    state = StateDir(opts.state_dir or bundle / STATE_DIR)
+    state = StateDir(bundle.state_folder(opts.state_dir))
     latest = state.latest()
     if opts.restart:
         state.clear()
@@ -114,7 +112,7 @@ def train(bundle: Path, opts: TrainOptions, progress: bool = True, log=print) ->
         state.metrics_path.unlink()
 
     schedule = LinearSchedule(opts.lr, total, opts.warmup)
-    backend = open_backend(opts.backend, bundle, manifest, checkpoint=latest.ort_checkpoint if latest else None,
+    backend = open_backend(opts.backend, bundle, checkpoint=latest.ort_checkpoint if latest else None,
                            threads=opts.threads)
     result = TrainResult(steps=total, start_step=start, data=asdict(stats))
 

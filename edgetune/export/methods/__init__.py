@@ -1,18 +1,18 @@
-"""The method registry: one module per adaptation method (STYLE.md #1).
+"""The torch layers of the adaptation methods: one module per method (STYLE.md #1).
 
-A method module registers itself with ``@register``. The exporter asks the registry for the
-method by name; each method supplies
-  * a config dataclass that checks itself (lives in ``edgetune.methods`` so the device side can
-    read it without torch),
+Everything a method is apart from torch (config, tensor roles, adapter off, merge, PEFT keys,
+summary) is its spec in the torch-free registry ``edgetune.methods``; the spec names its module
+here (``MethodSpec.layer_module``), which registers itself with ``@register`` on import and supplies
   * ``inject(model, config) -> list[Trainable]``: wraps the target layers of a torch model and
     returns the DECLARED trainable tensors (module path, attribute, PEFT key) — never searched for,
-  * ``peft_config(config, base_model) -> dict``: the ``adapter_config.json`` PEFT expects.
+  * ``peft_config(config, base_model) -> dict``: the spec's, for the exporter.
 
 Bottleneck adapters, prefix tuning and full fine-tuning slot in as further modules here.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,13 +54,11 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ExportError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}.")
+    """The torch layer of registered method ``name`` (its module is imported on first use)."""
+    from edgetune.methods import get_method as get_spec, method_names
+
+    if name not in method_names():
+        raise ExportError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}.")
+    importlib.import_module(get_spec(name).layer_module)  # importing a method module registers it
     return _REGISTRY[name]
-
-
-def _load_builtin() -> None:
-    # Importing a method module registers it; order does not matter.
-    from edgetune.export.methods import lora  # noqa: F401
 

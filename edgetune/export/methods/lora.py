@@ -13,7 +13,7 @@ from torch import nn
 
 from edgetune.errors import ExportError
 from edgetune.export.methods import Trainable, register
-from edgetune.methods import LoraConfig
+from edgetune.methods.lora import LORA as SPEC, TENSOR_ROLES, LoraConfig
 
 
 class LoraLinear(nn.Module):
@@ -23,7 +23,7 @@ class LoraLinear(nn.Module):
     wrapped layer starts equal to the base layer.
     """
 
-    adapter_tensor_names = ("lora_A", "lora_B")  # declared, not searched for (STYLE.md #3)
+    adapter_tensor_names = TENSOR_ROLES  # declared, not searched for (STYLE.md #3)
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float):
         super().__init__()
@@ -49,7 +49,7 @@ class LoraLinear(nn.Module):
         return self.base(x) + lora * self.scaling
 
     def merge(self) -> nn.Linear:
-        """Fold the update into the base weight: W' = W + scaling * B @ A."""
+        """Fold the update into the base weight: W' = W + scaling * B @ A (as ``LoraSpec.weight_delta``)."""
         merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
         with torch.no_grad():
             merged.weight.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
@@ -63,11 +63,13 @@ def _linear_names(model: nn.Module) -> set[str]:
 
 
 class _Lora:
-    name = "lora"
+    name = SPEC.name
     config_class = LoraConfig
 
     def inject(self, model: nn.Module, config: LoraConfig) -> list[Trainable]:
         """Wrap every ``nn.Linear`` whose last name is in ``config.targets``; freeze everything else."""
+        if not isinstance(config, LoraConfig):
+            raise ExportError(f"method lora needs a LoraConfig, got {type(config).__name__}.")
         available = _linear_names(model)
         missing = [t for t in config.targets if t not in available]
         if missing:
@@ -89,26 +91,11 @@ class _Lora:
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, child, LoraLinear.from_base(linear, config, generator))
             for attr in LoraLinear.adapter_tensor_names:
-                declared.append(Trainable(path, attr, f"base_model.model.{path}.{attr}.weight"))
+                declared.append(Trainable(path, attr, SPEC.peft_key(path, attr)))
         return declared
 
     def peft_config(self, config: LoraConfig, base_model: str) -> dict:
-        """``adapter_config.json`` as PEFT writes it for this config."""
-        return {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model,
-            "r": config.rank,
-            "lora_alpha": config.alpha,
-            "lora_dropout": 0.0,
-            "target_modules": sorted(config.targets),
-            "use_rslora": config.use_rslora,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "init_lora_weights": True,
-            "inference_mode": True,
-            "modules_to_save": None,
-        }
+        return SPEC.peft_config(config, base_model)
 
 
 LORA = register(_Lora())

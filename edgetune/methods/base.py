@@ -1,0 +1,134 @@
+"""What every method provides: a self-checking config and a torch-free spec (see ``edgetune.methods``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from edgetune.errors import BundleError, EdgetuneError
+
+if TYPE_CHECKING:
+    from edgetune.bundle import Manifest, TensorInfo
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """One ``edgetune export`` option that sets a method config field.
+
+    Declared on the field: ``metadata={"help": ..., "cli": "--rank"}``; the kind follows the
+    field's default (bool -> flag, tuple -> comma-separated list, int, float).
+    """
+
+    flag: str
+    field: str
+    kind: str  # "flag" | "list" | "int" | "float"
+    help: str
+    methods: tuple[str, ...]
+
+    @property
+    def dest(self) -> str:
+        return f"method_{self.field}"  # the click parameter name; never clashes with export's own
+
+    def shared_with(self, other: "CliOption") -> "CliOption":
+        if (other.field, other.kind) != (self.field, self.kind):  # a programming error in a registry entry
+            raise ValueError(f"{self.flag} means {self.field} ({self.kind}) and {other.field} ({other.kind})")
+        return dataclasses.replace(self, methods=self.methods + other.methods)
+
+
+@dataclass
+class MethodConfig:
+    """Base of method configs: dataclasses that check themselves and refuse keys they do not know."""
+
+    name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise EdgetuneError(f"{self.name} config: " + "; ".join(problems) + ".")
+
+    def problems(self) -> list[str]:
+        """Every problem with the field values (all at once, not the first)."""
+        return []
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "method config") -> "MethodConfig":
+        if not isinstance(d, dict):
+            raise EdgetuneError(f"{where}: a {cls.name} config must be a JSON object, got {type(d).__name__}.")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise EdgetuneError(f"{where}: unknown {cls.name} config key(s) {', '.join(map(repr, unknown))}; "
+                                f"known keys: {', '.join(known)}.")
+        return cls(**d)
+
+    @classmethod
+    def cli_options(cls) -> list[CliOption]:
+        options = []
+        for f in dataclasses.fields(cls):
+            if "cli" not in f.metadata:
+                continue
+            kind = ("flag" if isinstance(f.default, bool) else "list" if isinstance(f.default, tuple)
+                    else "int" if isinstance(f.default, int) else "float")
+            shown = ",".join(f.default) if kind == "list" else f.default
+            help_text = f.metadata["help"] + ("" if kind == "flag" else f" [default: {shown}]")
+            options.append(CliOption(f.metadata["cli"], f.name, kind, help_text, (cls.name,)))
+        return options
+
+    @classmethod
+    def from_cli(cls, given: dict) -> "MethodConfig":
+        """The config from the options a user gave (field -> value); the rest keep their defaults."""
+        kinds = {o.field: o.kind for o in cls.cli_options()}
+        values = {k: tuple(t.strip() for t in v.split(",") if t.strip()) if kinds.get(k) == "list" else v
+                  for k, v in given.items()}
+        return cls.from_dict(values, where="export options")
+
+
+class MethodSpec:
+    """The torch-free description of one method. Subclasses set the class attributes below."""
+
+    name: str
+    config_class: type[MethodConfig]
+    layer_module: str  # the torch layer: edgetune.export.methods.<name>
+    tensor_roles: tuple[str, ...]  # attribute names of the trainable tensors on one adapted layer
+
+    def config(self, manifest: "Manifest") -> MethodConfig:
+        return self.config_class.from_dict(manifest.method.get("config"), where="the bundle's method config")
+
+    @staticmethod
+    def role(tensor: "TensorInfo") -> str:
+        """``model.layers.0.self_attn.q_proj.lora_B`` -> ``lora_B``: the tensor's attribute on its layer."""
+        return tensor.graph_name.rsplit(".", 1)[-1]
+
+    def trainable(self, manifest: "Manifest") -> list["TensorInfo"]:
+        """The trainable tensors the exporter declared in the manifest, each of a role this method knows."""
+        strange = [t.graph_name for t in manifest.trainable if self.role(t) not in self.tensor_roles]
+        if strange:
+            raise BundleError(f"the manifest's trainable tensors {', '.join(strange[:3])} are not {self.name} tensors "
+                              f"({', '.join(self.tensor_roles)}); re-export the bundle.")
+        return list(manifest.trainable)
+
+    def summary(self, config: MethodConfig) -> str:
+        """One line for ``inspect`` and the end of ``export``."""
+        return self.name
+
+    def adapter_off(self, manifest: "Manifest", adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Tensors (graph name -> array) that make the model equal its base, given any ``adapter`` for it."""
+        raise NotImplementedError
+
+    def weight_delta(self, config: MethodConfig, layer: dict[str, np.ndarray]) -> np.ndarray:
+        """What merging adds to one layer's base weight (out, in), from its tensors by role."""
+        raise BundleError(f"method {self.name!r} cannot be merged into the generation graph.")
+
+    def peft_key(self, module_path: str, role: str) -> str:
+        """The key PEFT saves a tensor under."""
+        return f"base_model.model.{module_path}.{role}.weight"
+
+    def peft_config(self, config: MethodConfig, base_model: str) -> dict:
+        """``adapter_config.json`` as PEFT writes it for ``config``."""
+        raise NotImplementedError

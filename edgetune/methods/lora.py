@@ -1,0 +1,110 @@
+"""LoRA's config and spec (no torch): W x + scaling * B (A x), A: (rank, in), B: (out, rank).
+
+The torch layer is ``edgetune.export.methods.lora.LoraLinear``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+
+import numpy as np
+
+from edgetune.methods.base import MethodConfig, MethodSpec
+
+TENSOR_ROLES = ("lora_A", "lora_B")  # declared once: the torch layer's parameters and the manifest's tensors
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    """Low-rank adaptation: W x + scaling * B (A x), A: (rank, in), B: (out, rank)."""
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r of A (r x in) and B (out x r).", "cli": "--rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = alpha / r.", "cli": "--alpha"})
+    targets: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"),
+        metadata={"help": "Comma-separated names of the linear layers to adapt.", "cli": "--targets"},
+    )
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (only 0 is exported)"})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scaling = alpha / sqrt(r).",
+                                                      "cli": "--rslora"})
+    seed: int = field(default=0, metadata={"help": "Seed for the initial LoRA A matrices (Kaiming-uniform, as PEFT).",
+                                           "cli": "--seed"})
+
+    name = "lora"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, (list, tuple)):
+            self.targets = tuple(self.targets)
+        super().__post_init__()
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not _is_int(self.rank) or self.rank <= 0:
+            problems.append(f"`rank` must be a positive integer, got {self.rank!r}")
+        if not _is_real(self.alpha) or self.alpha <= 0:
+            problems.append(f"`alpha` must be a positive number, got {self.alpha!r}")
+        if (not isinstance(self.targets, tuple) or not self.targets
+                or any(not isinstance(t, str) or not t for t in self.targets)):
+            problems.append(f"`targets` must name at least one module, got {self.targets!r}")
+        if not _is_real(self.dropout) or self.dropout != 0.0:
+            problems.append(f"`dropout` must be 0 for an exported training graph, got {self.dropout!r}; drop the option")
+        if not isinstance(self.use_rslora, bool):
+            problems.append(f"`use_rslora` must be true or false, got {self.use_rslora!r}")
+        if not _is_int(self.seed):
+            problems.append(f"`seed` must be an integer, got {self.seed!r}")
+        return problems
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+
+class LoraSpec(MethodSpec):
+    name = "lora"
+    config_class = LoraConfig
+    layer_module = "edgetune.export.methods.lora"
+    tensor_roles = TENSOR_ROLES
+
+    def summary(self, config: LoraConfig) -> str:
+        return (f"lora r={config.rank} alpha={config.alpha:g} on {','.join(config.targets)}"
+                + (" (rsLoRA)" if config.use_rslora else ""))
+
+    def adapter_off(self, manifest, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """B = 0 (A as given): the update scaling * B @ A vanishes, so every adapted layer is its base layer."""
+        return {t.graph_name: np.zeros(t.shape, np.float32) if self.role(t) == "lora_B"
+                else np.array(adapter[t.graph_name], dtype=np.float32)
+                for t in self.trainable(manifest)}
+
+    def weight_delta(self, config: LoraConfig, layer: dict[str, np.ndarray]) -> np.ndarray:
+        """W' = W + scaling * B @ A: (out, r) @ (r, in) -> (out, in)."""
+        return config.scaling * (layer["lora_B"] @ layer["lora_A"])
+
+    def peft_config(self, config: LoraConfig, base_model: str) -> dict:
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": config.rank,
+            "lora_alpha": config.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": sorted(config.targets),
+            "use_rslora": config.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+        }
+
+
+LORA = LoraSpec()
