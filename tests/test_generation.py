@@ -234,7 +234,8 @@ def test_merged_graph_with_external_data_loads_and_matches(exported, tmp_path, m
     from edgetune.merge import merge_adapter
 
     _, bundles, adapter = exported
-    folder, manifest = bundles[False]
+    gb = bundles[False]
+    folder, manifest = gb.folder, gb.manifest
     merge_adapter(folder, manifest, adapter, tmp_path / "small.onnx")
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_ABOVE", 0)
     out = tmp_path / "merged.onnx"
