@@ -124,8 +124,10 @@ def _decode_int8(name: str, entries: dict[str, np.ndarray]) -> np.ndarray:
     if scale.shape != (rows.shape[0],):
         raise DeltaError(f"{name}: {scale.shape[0] if scale.ndim == 1 else scale.shape} scales for "
                          f"{rows.shape[0]} rows")
-    if not np.isfinite(scale).all():
-        raise DeltaError(f"{name}: its int8 scales are not finite")
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise DeltaError(f"{name}: its int8 scales must be finite and positive")
+    if q.size and int(q.min()) < -127:  # the symmetric range: -128 has no positive twin
+        raise DeltaError(f"{name}: int8 value {int(q.min())} is outside the symmetric range [-127, 127]")
     return (rows.astype(np.float32) * scale.astype(np.float32)[:, None]).reshape(q.shape)
 
 

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import operator
-import re
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,16 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from edgetune.atomic import atomic_write_bytes
-from edgetune.delta import codecs, signing
+from edgetune.delta import codecs, schema, signing
 from edgetune.errors import DeltaError
 
 MAGIC = b"ETDELTA\0"
 FORMAT_VERSION = 1
-KINDS = ("full", "diff")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_HEADER_TYPES = {"format_version": int, "base_model_sha256": str, "method": dict, "kind": str,
-                 "since_sha256": (str, type(None)), "codec": str, "tensors": list, "num_examples": int,
-                 "round_id": (str, type(None)), "metrics": dict, "created_at": str, "producer": dict}
+KINDS = schema.KINDS
 
 
 def _header_field(key: str) -> property:
@@ -102,6 +97,9 @@ def encode_delta(tensors: dict[str, np.ndarray], *, base_model_sha256: str, meth
         head = json.dumps(header, sort_keys=True, allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise DeltaError(f"cannot write the delta: `method` or `producer` is not plain JSON ({exc}).") from None
+    problems = schema.header_problems(json.loads(head), FORMAT_VERSION)  # never write what a reader refuses
+    if problems:
+        raise DeltaError("cannot write the delta: " + "; ".join(problems) + ".")
     body = save(payload) if payload else b""
     blob = b"".join([MAGIC, struct.pack("<IQ", FORMAT_VERSION, len(head)), head, struct.pack("<Q", len(body)), body])
     digest = hashlib.sha256(blob).digest()
@@ -113,7 +111,7 @@ def encode_delta(tensors: dict[str, np.ndarray], *, base_model_sha256: str, meth
 
 def _argument_problems(base, method, codec, kind, since, round_id) -> list[str]:
     problems = []
-    if not (isinstance(base, str) and _SHA256.fullmatch(base)):
+    if not (isinstance(base, str) and schema.HEX64.fullmatch(base)):
         problems.append(f"`base_model_sha256` must be 64 lowercase hex digits, got {base!r}")
     if not (isinstance(method, dict) and isinstance(method.get("name"), str) and isinstance(method.get("config"), dict)):
         problems.append(f"`method` must be {{'name': str, 'config': dict}}, got {method!r}")
@@ -121,7 +119,7 @@ def _argument_problems(base, method, codec, kind, since, round_id) -> list[str]:
         problems.append(f"unknown codec {codec!r} (choose one of: {', '.join(codecs.CODECS)})")
     if kind not in KINDS:
         problems.append(f"unknown kind {kind!r} (choose one of: {', '.join(KINDS)})")
-    elif kind == "diff" and not (isinstance(since, str) and _SHA256.fullmatch(since)):
+    elif kind == "diff" and not (isinstance(since, str) and schema.HEX64.fullmatch(since)):
         problems.append(f"a diff needs `since_sha256`, the checksum of the delta it is relative to, got {since!r}")
     elif kind == "full" and since is not None:
         problems.append("`since_sha256` is only for kind 'diff'; a full delta has none")
@@ -136,16 +134,16 @@ def _numbers(num_examples, metrics, problems: list[str]) -> tuple[int, dict[str,
         n = -1 if isinstance(num_examples, bool) else operator.index(num_examples)  # numpy ints too, not 3.0
     except TypeError:
         n = -1
-    if n < 0:
-        problems.append(f"`num_examples` must be a whole number >= 0, got {num_examples!r}")
+    if not schema.count(n):
+        problems.append(f"`num_examples` must be a whole number >= 0, got {num_examples!r} (at most 2^63 - 1)")
     if not isinstance(metrics or {}, dict):
         problems.append(f"`metrics` must be a dict of numbers, got {type(metrics).__name__}")
         return n, {}
     out = {}
     for key, value in (metrics or {}).items():
         try:
-            out[str(key)] = float(value)
-        except (TypeError, ValueError):
+            out[str(key)] = math.nan if isinstance(value, bool) else float(value)  # True is not a loss
+        except (TypeError, ValueError, OverflowError):
             out[str(key)] = math.nan
         if not math.isfinite(out[str(key)]):
             problems.append(f"metric {key!r} must be a finite number, got {value!r}")
@@ -203,10 +201,13 @@ def read_delta(source: Path | str | bytes, *, trusted_keys: dict | None = None,
                          f"does not match the recorded {digest.hex()[:16]}…; copy it again from its source.")
     fingerprint, status = _check_signature(where, digest, data[signed_end:], trusted_keys, require_signature)
     try:
-        header = json.loads(head.decode("utf-8"))
+        header = schema.parse_header(head)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise DeltaError(f"{where}: the header is not UTF-8 JSON ({exc}); the file was not written by edgetune.") from None
-    _check_header(header, version, where)
+    problems = schema.header_problems(header, version)
+    if problems:
+        raise DeltaError(f"{where}: bad header: {'; '.join(problems)}; the file was not written by this edgetune "
+                         "(or was altered before it was checksummed).")
     try:
         entries = load(body) if body else {}
     except Exception as exc:  # safetensors' own error class is not public
@@ -243,31 +244,6 @@ def _frame(data: bytes, where: str) -> tuple[int, bytes, bytes, int]:
     body_start = 28 + head_len
     need(body_start + body_len + 32)
     return version, data[20:20 + head_len], data[body_start:body_start + body_len], body_start + body_len + 32
-
-
-def _check_header(header, version: int, where: str) -> None:
-    """Refuse a header that lacks fields or has wrong types, listing every problem once."""
-    if not isinstance(header, dict):
-        raise DeltaError(f"{where}: the header is not a JSON object; the file was not written by edgetune.")
-    problems = [f"`{k}` missing or not {getattr(t, '__name__', 'str or null')}" for k, t in _HEADER_TYPES.items()
-                if not isinstance(header.get(k, ...), t)]
-    if not problems:
-        if header["format_version"] != version:
-            problems.append(f"format_version {header['format_version']} != the file's version {version}")
-        if header["kind"] not in KINDS or (header["kind"] == "diff") != (header["since_sha256"] is not None):
-            problems.append(f"kind {header['kind']!r} with since_sha256 {header['since_sha256']!r}")
-        names = set()
-        for i, info in enumerate(header["tensors"]):
-            ok = (isinstance(info, dict) and isinstance(info.get("name"), str) and info.get("codec") in codecs.CODECS
-                  and isinstance(info.get("shape"), list) and all(type(d) is int and d >= 0 for d in info["shape"])
-                  and isinstance(info.get("error"), dict) and info["name"] not in names)
-            if not ok or info.get("payload_keys") != sorted(codecs.CODECS[info["codec"]].payload_keys(info["name"])):
-                problems.append(f"tensor entry {i} ({info.get('name') if isinstance(info, dict) else info!r}) is "
-                                "malformed, duplicated or uses a codec this edgetune does not know")
-            else:
-                names.add(info["name"])
-    if problems:
-        raise DeltaError(f"{where}: bad header: {'; '.join(problems)}; the file was not written by this edgetune.")
 
 
 def _check_signature(where, digest, block, trusted_keys, require_signature) -> tuple[str | None, str]:
