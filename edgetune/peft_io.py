@@ -7,6 +7,7 @@ config and every tensor against the bundle before anything is used.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetune.atomic import replace_dir
 from edgetune.bundle import Manifest
 from edgetune.errors import DeltaError
 
@@ -25,22 +27,36 @@ _LORA_FIELDS = {"r": "rank", "lora_alpha": "alpha", "use_rslora": "use_rslora"}
 
 
 def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray], force: bool = False) -> None:
-    """Write ``tensors`` (PEFT key -> array) as a PEFT folder, atomically (temp folder + rename)."""
+    """Write ``tensors`` (PEFT key -> array) as a PEFT folder, atomically.
+
+    The files go to a temp folder beside ``folder``, are fsynced, and the temp folder replaces
+    ``folder`` (``edgetune.atomic.replace_dir``): an existing folder stays whole until the new one is in
+    place, and a failure leaves it as it was.
+    """
     from safetensors.numpy import save_file
 
     folder = Path(folder)
-    if folder.exists() and not force:
+    if os.path.lexists(folder) and not force:
         raise DeltaError(f"output folder {str(folder)!r} already exists; pass --force to replace it or choose another --out.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+        raise DeltaError(f"output {str(folder)!r} exists and is not a folder (a file or a link); --force replaces only "
+                         "a folder. Choose another --out.")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    except OSError as exc:
+        raise DeltaError(f"cannot write {folder}: {exc.strerror or exc}; nothing was written. Choose a writable folder.") from None
     try:
         config = dict(manifest.method["peft_config"])
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp / WEIGHTS),
                   metadata={"format": "pt", "edgetune_base_sha256": manifest.base_sha256})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
+        replace_dir(tmp, folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        raise DeltaError(f"cannot write {folder}: {'the disk is full' if full else exc.strerror or exc}; "
+                         "nothing was changed there.") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,36 +18,11 @@ def _bundle_adapter(bundle: Path, state_dir: Path | None):
     return opened.manifest, latest_adapter(opened, state_dir)
 
 
-def _by_peft(manifest, tensors: dict) -> dict:
-    return {t.peft_key: tensors[t.graph_name] for t in manifest.trainable}
+def _resolve(path: Path, manifest, since: Path | None, trusted: tuple[Path, ...]):
+    """The full adapter ``path`` stands for, verified and fitted to the bundle (edgetune.delta.resolve)."""
+    from edgetune.delta import load_public_keys, resolve_delta
 
-
-def _by_graph(manifest, tensors: dict) -> dict:
-    return {t.graph_name: tensors[t.peft_key] for t in manifest.trainable}
-
-
-def _read_for_bundle(path: Path, manifest, since: Path | None, trusted: tuple[Path, ...]):
-    """Read ``path``, check it fits the bundle, and return full adapter tensors by PEFT key."""
-    from edgetune.delta import apply_diff, check_compatible, load_public_keys, read_delta
-    from edgetune.errors import DeltaError
-
-    keys = load_public_keys(list(trusted)) if trusted else None
-    delta = read_delta(path, trusted_keys=keys, require_signature=bool(trusted))
-    check_compatible(delta, base_model_sha256=manifest.base_sha256, method=_method(manifest),
-                     expected_shapes=manifest.trainable_shapes())
-    if delta.kind == "diff":
-        if since is None:
-            raise DeltaError(f"{path} is a difference from delta {delta.since_sha256[:16]}…; pass --since with that delta.")
-        reference = read_delta(since)
-        if reference.sha256 != delta.since_sha256:
-            raise DeltaError(f"--since {since} has checksum {reference.sha256[:16]}…, but {path} was made against "
-                             f"{delta.since_sha256[:16]}…; give the delta it was made against.")
-        return delta, apply_diff(reference.tensors, delta.tensors)
-    return delta, delta.tensors
-
-
-def _method(manifest) -> dict:
-    return {"name": manifest.method["name"], "config": manifest.method["config"]}
+    return resolve_delta(path, manifest, since=since, trusted_keys=load_public_keys(list(trusted)) if trusted else None)
 
 
 class _DeltaCommand(click.Command):
@@ -81,21 +56,18 @@ def delta(ctx, bundle, out, codec, since, sign_key, round_id, state_dir):
         return
     if bundle is None or out is None:
         raise click.UsageError("give BUNDLE and --out, e.g. `edgetune delta bundle --out update.etd`.")
-    from edgetune.delta import diff, load_private_key, read_delta, write_delta
+    from edgetune.delta import AdapterTarget, diff, load_private_key, read_delta, read_reference, write_delta
 
     manifest, adapter = _bundle_adapter(bundle, state_dir)
-    tensors = _by_peft(manifest, adapter.tensors)
+    target = AdapterTarget.of(manifest)
+    tensors = target.by_peft(adapter.tensors)
     kind, since_sha = "full", None
     if since is not None:
-        reference = read_delta(since)
-        from edgetune.delta import check_compatible
-
-        check_compatible(reference, base_model_sha256=manifest.base_sha256, method=_method(manifest),
-                         expected_shapes=manifest.trainable_shapes())
+        reference = read_reference(since, target)
         tensors, kind, since_sha = diff(tensors, reference.tensors), "diff", reference.sha256
     trainer = adapter.trainer or {}
     metrics = {"loss": trainer["last_loss"]} if trainer.get("last_loss") is not None else {}
-    write_delta(out, tensors, base_model_sha256=manifest.base_sha256, method=_method(manifest), codec=codec,
+    write_delta(out, tensors, base_model_sha256=target.base_sha256, method=target.method, codec=codec,
                 kind=kind, since_sha256=since_sha, num_examples=int(trainer.get("num_examples", 0)),
                 round_id=round_id, metrics=metrics, signing_key=load_private_key(sign_key) if sign_key else None)
     written = read_delta(out)
@@ -130,8 +102,7 @@ def to_peft(delta_path, bundle, out, since, trusted, force):
     from edgetune.peft_io import write_peft_adapter
 
     manifest = read_manifest(bundle)
-    _, tensors = _read_for_bundle(delta_path, manifest, since, trusted)
-    write_peft_adapter(out, manifest, tensors, force=force)
+    write_peft_adapter(out, manifest, _resolve(delta_path, manifest, since, trusted).by_peft, force=force)
     click.echo(f"wrote {out}: load with peft.PeftModel.from_pretrained(base_model, {str(out)!r})")
 
 
@@ -143,12 +114,13 @@ def to_peft(delta_path, bundle, out, since, trusted, force):
 def from_peft(folder, bundle, state_dir, force):
     """Import a PEFT LoRA adapter FOLDER as the starting point of on-device training."""
     from edgetune.bundle import Bundle
+    from edgetune.delta import AdapterTarget
     from edgetune.peft_io import read_peft_adapter
     from edgetune.runtime.import_adapter import import_adapter
 
     opened = Bundle.open(bundle)
     manifest = opened.manifest
-    tensors = _by_graph(manifest, read_peft_adapter(folder, manifest))
+    tensors = AdapterTarget.of(manifest).by_graph(read_peft_adapter(folder, manifest))
     ckpt = import_adapter(opened, tensors, f"imported from PEFT {folder}", state_dir=state_dir, force=force)
     click.echo(f"imported {len(tensors)} tensors from {folder} into {ckpt}; `edgetune train {bundle} ...` starts from it")
 
@@ -165,8 +137,7 @@ def merge(bundle, adapter, since, out, state_dir):
 
     manifest, latest = _bundle_adapter(bundle, state_dir)
     if adapter is not None:
-        _, tensors = _read_for_bundle(adapter, manifest, since, ())
-        tensors, origin = _by_graph(manifest, tensors), str(adapter)
+        tensors, origin = _resolve(adapter, manifest, since, ()).by_graph, str(adapter)
     else:
         tensors, origin = latest.tensors, latest.origin
     merge_adapter(bundle, manifest, tensors, out)
