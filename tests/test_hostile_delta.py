@@ -246,6 +246,7 @@ MUTATIONS = [
     _set(("tensors", "T", "error", "rel_l2"), INF), _set(("tensors", "T", "error", "max_abs"), -0.1),
     _set(("created_at",), "yesterday"), _set(("producer",), {}), _payload(_int8_value(-128), "int8 value -128"),
     # more header breakage
+    _set(("method", "config", "alpha"), NAN), _set(("method", "config", "targets"), [INF]),
     _set(("method",), []), _set(("method",), "lora"), _set(("method",), {"name": "lora"}),
     _set(("method", "name"), ""), _set(("method", "name"), 3), _set(("method", "extra"), 1),
     _set(("metrics",), []), _set(("metrics", "loss"), INF), _set(("metrics", "loss"), True),
@@ -420,6 +421,17 @@ def test_a_malformed_header_lists_every_problem_in_one_error():
     for part in ("`method` must be", "metric 'loss' must be a finite number, got 'low'", "`codec` must be one of",
                  "`num_examples` must be a whole number", "`created_at` must be", "`producer` must be"):
         assert part in msg, part
+
+
+def test_duplicate_keys_and_non_json_headers_are_refused():
+    header, entries = _split(BASES[("fp32", False)])
+    head = json.dumps(header, sort_keys=True)
+    doubled = head[:-1] + ', "num_examples": 7}'  # a second num_examples: which one counts is ambiguous
+    for bad in (doubled, head[:-1], "[" * 5000 + "]" * 5000):
+        blob = b"ETDELTA\0" + struct.pack("<IQ", 1, len(bad)) + bad.encode() + struct.pack("<Q", 0)
+        with pytest.raises(DeltaError, match="header is not UTF-8 JSON") as err:
+            read_delta(blob + hashlib.sha256(blob).digest())
+        assert "\n" not in str(err.value)
 
 
 # --- the real CLI, against the tiny bundle ----------------------------------------------------------

@@ -30,10 +30,24 @@ ERROR_FIELDS = ("max_abs", "rel_l2")
 METHOD_FIELDS = ("config", "name")
 
 
+class NonFinite:
+    """A ``NaN``/``Infinity`` literal in the header: kept as a marker so the schema names where it is."""
+
+    def __init__(self, literal: str):
+        self.literal = literal
+
+    def __repr__(self) -> str:
+        return self.literal
+
+
 def parse_header(head: bytes):
-    """The header's JSON value; ValueError (with the reason) for non-JSON, NaN/Infinity or duplicate keys."""
+    """The header's JSON value; ValueError (with the reason) for non-JSON or duplicate keys.
+
+    ``NaN``/``Infinity`` literals (which Python's json reads by default) become ``NonFinite``
+    markers, which no field accepts.
+    """
     def no_constants(name: str):
-        raise ValueError(f"it holds {name}, which the format forbids")
+        return NonFinite(name)
 
     def no_duplicates(pairs):
         keys = [k for k, _ in pairs]
@@ -129,7 +143,21 @@ def _method_problems(method) -> list[str]:
     if not (isinstance(method, dict) and set(method) == set(METHOD_FIELDS) and isinstance(method["name"], str)
             and method["name"] and isinstance(method["config"], dict)):
         return [f"`method` must be {{\"name\": non-empty string, \"config\": object}}, got {_short(method)}"]
-    return []
+    bad = sorted(_non_finite_paths(method["config"], "method.config"))
+    return [f"`{path}` is NaN or Infinity, which JSON and the format forbid" for path in bad]
+
+
+def _non_finite_paths(value, path: str):
+    """Paths of NonFinite markers inside a free-form JSON value (iterative: nesting can be deep)."""
+    stack = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, NonFinite):
+            yield where
+        elif isinstance(node, dict):
+            stack += [(v, f"{where}.{k}") for k, v in node.items()]
+        elif isinstance(node, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(node)]
 
 
 def _tensors_problems(tensors, codec: str | None) -> list[str]:
