@@ -360,3 +360,88 @@ def test_the_delta_package_never_imports_heavy_frameworks():
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'optimum') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- PEFT folders are replaced atomically ------------------------------------------------------
+
+def _peft_manifest():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(method={"peft_config": {"peft_type": "LORA", "r": 8}}, base_sha256=BASE)
+
+
+def _write_peft(folder, tensors, force=False):
+    from edgetune.peft_io import write_peft_adapter
+
+    write_peft_adapter(folder, _peft_manifest(), tensors, force=force)
+
+
+def _peft_tensors(folder):
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["one-step swap", "rename aside"])
+def test_peft_folder_replace_keeps_the_old_folder_until_the_new_one_is_in(tmp_path, monkeypatch, exchange):
+    from edgetune import atomic
+
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    out = tmp_path / "peft"
+    _write_peft(out, {A: np.ones((2, 2), np.float32)})
+    with pytest.raises(DeltaError, match="already exists; pass --force"):
+        _write_peft(out, {A: np.zeros((2, 2), np.float32)})
+    _write_peft(out, {A: np.full((2, 2), 2.0, np.float32)}, force=True)
+    assert (_peft_tensors(out)[A] == 2).all() and sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+
+    real_rename = os.rename
+
+    def failing_rename(src, dst):  # the step that puts the new folder in place fails
+        if str(dst) == str(out) and ".partial" in str(src):
+            raise OSError(errno.EIO, "I/O error", str(dst))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(atomic.os, "rename", failing_rename)
+    with pytest.raises(DeltaError, match="cannot write .*peft: I/O error; nothing was changed there"):
+        _write_peft(out, {A: np.full((2, 2), 3.0, np.float32)}, force=True)
+    assert (_peft_tensors(out)[A] == 2).all()  # the old folder, whole, under its name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]  # no temp or aside folder left
+
+
+def test_peft_folder_swap_never_leaves_the_path_empty(tmp_path, monkeypatch):
+    """During the rename-aside fallback, a failure after moving the old folder aside restores it."""
+    from edgetune import atomic
+
+    out = tmp_path / "peft"
+    _write_peft(out, {A: np.ones((2, 2), np.float32)})
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real_rename, seen = os.rename, []
+
+    def interrupted(src, dst):
+        seen.append((os.path.exists(out), str(dst)))
+        if str(dst) == str(out) and ".partial" in str(src):
+            raise KeyboardInterrupt  # e.g. Ctrl-C between the two renames
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _write_peft(out, {A: np.zeros((2, 2), np.float32)}, force=True)
+    assert (_peft_tensors(out)[A] == 1).all() and sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+    assert seen[0][0] and ".old-" in seen[0][1]  # first the old folder went aside, whole
+    assert len(seen) == 3 and seen[2][1] == str(out)  # then the new one failed, and the old came back
+
+
+def test_peft_output_that_is_a_file_or_link_is_not_replaced(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    for name in ("file", "link"):
+        with pytest.raises(DeltaError, match="exists and is not a folder"):
+            _write_peft(tmp_path / name, {A: np.ones((2, 2), np.float32)}, force=True)
+    assert (tmp_path / "file").read_text() == "keep me" and (tmp_path / "link").is_symlink()
+
+
+def test_a_delta_with_a_zero_length_axis_is_not_written():
+    with pytest.raises(DeltaError, match="cannot write the delta: .*`shape` must be a list of positive whole numbers"):
+        _encode({A: np.zeros((0, 8), np.float32)})
