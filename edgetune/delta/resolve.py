@@ -41,9 +41,10 @@ class AdapterTarget:
 
     @classmethod
     def of(cls, target) -> "AdapterTarget":
-        """``target`` itself, or the target of a bundle ``Manifest``."""
+        """``target`` itself, or the target of a bundle ``Manifest`` (or of an object holding one as ``.manifest``)."""
         if isinstance(target, AdapterTarget):
             return target
+        target = target if hasattr(target, "trainable_shapes") else target.manifest
         graph_names = target.peft_to_graph()  # PEFT key -> training graph name
         trainable = [(graph_names[key], key, shape) for key, shape in target.trainable_shapes().items()]
         return cls(target.base_sha256, target.method, tuple(trainable))
