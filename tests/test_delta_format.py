@@ -387,7 +387,7 @@ def test_peft_folder_replace_keeps_the_old_folder_until_the_new_one_is_in(tmp_pa
     from edgetune import atomic
 
     if not exchange:
-        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     out = tmp_path / "peft"
     _write_peft(out, {A: np.ones((2, 2), np.float32)})
     with pytest.raises(DeltaError, match="already exists; pass --force"):
@@ -402,7 +402,7 @@ def test_peft_folder_replace_keeps_the_old_folder_until_the_new_one_is_in(tmp_pa
             raise OSError(errno.EIO, "I/O error", str(dst))
         return real_rename(src, dst)
 
-    monkeypatch.setattr(atomic, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     monkeypatch.setattr(atomic.os, "rename", failing_rename)
     with pytest.raises(DeltaError, match="cannot write .*peft: I/O error; nothing was changed there"):
         _write_peft(out, {A: np.full((2, 2), 3.0, np.float32)}, force=True)
@@ -416,7 +416,7 @@ def test_peft_folder_swap_never_leaves_the_path_empty(tmp_path, monkeypatch):
 
     out = tmp_path / "peft"
     _write_peft(out, {A: np.ones((2, 2), np.float32)})
-    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     real_rename, seen = os.rename, []
 
     def interrupted(src, dst):
