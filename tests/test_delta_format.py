@@ -445,3 +445,33 @@ def test_peft_output_that_is_a_file_or_link_is_not_replaced(tmp_path):
 def test_a_delta_with_a_zero_length_axis_is_not_written():
     with pytest.raises(DeltaError, match="cannot write the delta: .*`shape` must be a list of positive whole numbers"):
         _encode({A: np.zeros((0, 8), np.float32)})
+
+
+# --- resolve_delta: the one path from a delta file to a bundle's adapter -----------------------
+
+def test_resolve_delta_fits_applies_diffs_and_maps_graph_names(keys):
+    from edgetune.delta import AdapterTarget, resolve_delta
+
+    target = AdapterTarget(BASE, METHOD, [(f"graph.{k}", k, v.shape) for k, v in _tensors().items()])
+    reference, current = _tensors(1), _tensors(2)
+    global_delta = _encode(reference)
+    since = read_delta(global_delta).sha256
+    update = _encode(diff(current, reference), kind="diff", since_sha256=since,
+                     signing_key=load_private_key(keys / "k"))
+    trusted = load_public_keys([keys / "k.pub"])
+    resolved = resolve_delta(update, target, since=global_delta, trusted_keys=trusted)
+    for k in current:
+        np.testing.assert_allclose(resolved.by_peft[k], current[k], atol=1e-7)
+        assert resolved.by_graph[f"graph.{k}"] is resolved.by_peft[k]
+    assert resolved.reference.sha256 == since and resolved.delta.signature_status == "valid, trusted key"
+    with pytest.raises(DeltaError, match="is a difference from delta .*pass --since"):
+        resolve_delta(update, target)
+    with pytest.raises(DeltaError, match="--since the delta has checksum .* was made against"):
+        resolve_delta(update, target, since=_encode(current))
+    with pytest.raises(DeltaError, match="signed by unknown key"):  # an empty trusted set trusts nobody
+        resolve_delta(update, target, since=global_delta, trusted_keys={})
+    with pytest.raises(DeltaError, match="not signed, but a signature by a trusted key is required"):
+        resolve_delta(global_delta, target, trusted_keys=trusted)
+    other = AdapterTarget("cd" * 32, METHOD, target.trainable)
+    with pytest.raises(DeltaError, match="does not fit this bundle: it was trained on base model abab"):
+        resolve_delta(global_delta, other)
