@@ -423,6 +423,15 @@ def test_a_malformed_header_lists_every_problem_in_one_error():
         assert part in msg, part
 
 
+def test_thousands_of_problems_make_one_bounded_line():
+    header, entries = _split(BASES[("fp32", False)])
+    header["metrics"] = {f"m{i}": "bad" for i in range(3000)}
+    with pytest.raises(DeltaError) as err:
+        read_delta(_pack(header, save(entries)))
+    msg = str(err.value)
+    assert "and 2950 more problem(s)" in msg and msg.count("must be a finite number") == 50 and "\n" not in msg
+
+
 def test_duplicate_keys_and_non_json_headers_are_refused():
     header, entries = _split(BASES[("fp32", False)])
     head = json.dumps(header, sort_keys=True)

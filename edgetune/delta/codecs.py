@@ -197,7 +197,9 @@ def decode_tensors(listing: list[dict], entries: dict[str, np.ndarray]) -> tuple
         tensors[info["name"]] = x
     unlisted = set(entries) - {k for info in listing for k in info["payload_keys"]}
     if unlisted:
-        problems.append(f"payload entries not in the header: {', '.join(sorted(unlisted))}")
+        names = sorted(unlisted)
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        problems.append(f"payload entries not in the header: {', '.join(names[:5])}{more}")
     return tensors, problems
 
 

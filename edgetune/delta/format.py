@@ -206,7 +206,7 @@ def read_delta(source: Path | str | bytes, *, trusted_keys: dict | None = None,
         raise DeltaError(f"{where}: the header is not UTF-8 JSON ({exc}); the file was not written by edgetune.") from None
     problems = schema.header_problems(header, version)
     if problems:
-        raise DeltaError(f"{where}: bad header: {'; '.join(problems)}; the file was not written by this edgetune "
+        raise DeltaError(f"{where}: bad header: {_listing(problems)}; the file was not written by this edgetune "
                          "(or was altered before it was checksummed).")
     try:
         entries = load(body) if body else {}
@@ -214,12 +214,18 @@ def read_delta(source: Path | str | bytes, *, trusted_keys: dict | None = None,
         raise DeltaError(f"{where}: the payload is not a safetensors block ({exc}).") from None
     tensors, problems = codecs.decode_tensors(header["tensors"], entries)
     if problems:
-        raise DeltaError(f"{where}: the payload does not match the header: {'; '.join(problems)}.")
+        raise DeltaError(f"{where}: the payload does not match the header: {_listing(problems)}.")
     bad = sorted(name for name, x in tensors.items() if not np.isfinite(x).all())
     if bad:
         raise DeltaError(f"{where}: NaN or Inf values in {len(bad)} tensor(s): {', '.join(bad)}; refusing it.")
     sizes = {info["name"]: sum(int(entries[k].nbytes) for k in info["payload_keys"]) for info in header["tensors"]}
     return Delta(header, tensors, digest.hex(), fingerprint, status, len(data), sizes)
+
+
+def _listing(problems: list[str], limit: int = 50) -> str:
+    """Every problem, joined; past ``limit`` (a hostile file can hold thousands) the rest are counted."""
+    shown = "; ".join(problems[:limit])
+    return shown if len(problems) <= limit else f"{shown}; and {len(problems) - limit} more problem(s)"
 
 
 def _frame(data: bytes, where: str) -> tuple[int, bytes, bytes, int]:

@@ -50,11 +50,15 @@ def parse_header(head: bytes):
         return NonFinite(name)
 
     def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        dupes = sorted({k for k in keys if keys.count(k) > 1})
-        if dupes:
-            raise ValueError(f"duplicate key(s) {', '.join(map(repr, dupes))}")
-        return dict(pairs)
+        out = dict(pairs)
+        if len(out) != len(pairs):  # linear: a hostile header may hold objects with many keys
+            seen, dupes = set(), []
+            for k, _ in pairs:
+                if k in seen:
+                    dupes.append(k)
+                seen.add(k)
+            raise ValueError(f"duplicate key(s) {_short(sorted(set(dupes)))}")
+        return out
 
     return json.loads(head.decode("utf-8"), parse_constant=no_constants, object_pairs_hook=no_duplicates)
 
@@ -92,7 +96,7 @@ def header_problems(header, version: int) -> list[str]:
     problems = [f"`{key}` missing" for key in FIELDS if key not in header]
     unknown = sorted(set(header) - set(FIELDS))
     if unknown:
-        problems.append(f"unknown field(s) {', '.join(map(repr, unknown))}")
+        problems.append(f"unknown field(s) {_short(unknown)}")
     h = {key: header.get(key) for key in FIELDS}
     present = set(header)
 
@@ -127,7 +131,7 @@ def header_problems(header, version: int) -> list[str]:
         if not isinstance(h["metrics"], dict):
             bad("metrics", "an object of name -> finite number")
         else:
-            problems += [f"metric {k!r} must be a finite number, got {_short(v)}"
+            problems += [f"metric {_short(k)} must be a finite number, got {_short(v)}"
                          for k, v in h["metrics"].items() if not finite_number(v)]
     if "created_at" in present and not utc_timestamp(h["created_at"]):
         bad("created_at", "an ISO-8601 UTC time to the second, e.g. 2025-01-31T12:00:00+00:00")
@@ -188,7 +192,7 @@ def _tensor_problems(info, codec: str | None) -> list[str]:
     out = [f"`{k}` missing" for k in TENSOR_FIELDS if k not in info]
     extra = sorted(set(info) - set(TENSOR_FIELDS))
     if extra:
-        out.append(f"unknown field(s) {', '.join(map(repr, extra))}")
+        out.append(f"unknown field(s) {_short(extra)}")
     name, shape, error = info.get("name"), info.get("shape"), info.get("error")
     name_ok = isinstance(name, str) and bool(name)
     if "name" in info and not name_ok:
