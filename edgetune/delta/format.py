@@ -8,7 +8,8 @@
     signature  optional: u16 LE length (96) + 32-byte raw Ed25519 public key + 64-byte signature of the checksum
 
 A reader checks the framing, then the checksum, then the signature, and only then parses the
-header and payload; it decodes every tensor and refuses NaN/Inf. Writing is atomic (temp file in
+header (against the full schema in ``schema.py``) and payload; it decodes every tensor and
+refuses NaN/Inf. Writing is atomic (temp file in
 the same folder, fsync, os.replace): a killed process or a full disk never leaves a half file
 under the final name.
 """
