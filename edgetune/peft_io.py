@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetune.atomic import replace_dir
+from edgetune.atomic import recover_dir, replace_dir
 from edgetune.bundle import Manifest
 from edgetune.errors import DeltaError
 
@@ -31,11 +31,15 @@ def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.n
 
     The files go to a temp folder beside ``folder``, are fsynced, and the temp folder replaces
     ``folder`` (``edgetune.atomic.replace_dir``): an existing folder stays whole until the new one is in
-    place, and a failure leaves it as it was.
+    place, and a failure leaves it as it was; one set aside by a killed write is put back first.
     """
     from safetensors.numpy import save_file
 
     folder = Path(folder)
+    try:
+        recover_dir(folder)  # a folder set aside by a write killed mid-swap is put back first
+    except OSError as exc:
+        raise DeltaError(f"cannot restore {folder} set aside by an interrupted write: {exc.strerror or exc}.") from None
     if os.path.lexists(folder) and not force:
         raise DeltaError(f"output folder {str(folder)!r} already exists; pass --force to replace it or choose another --out.")
     if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):

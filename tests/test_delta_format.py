@@ -433,6 +433,15 @@ def test_peft_folder_swap_never_leaves_the_path_empty(tmp_path, monkeypatch):
     assert len(seen) == 3 and seen[2][1] == str(out)  # then the new one failed, and the old came back
 
 
+def test_a_peft_folder_left_aside_by_a_killed_write_is_put_back(tmp_path):
+    out = tmp_path / "peft"
+    _write_peft(out, {A: np.ones((2, 2), np.float32)})
+    os.rename(out, tmp_path / ".peft.old-1")  # what a kill between the two renames of the fallback leaves
+    with pytest.raises(DeltaError, match="already exists; pass --force"):  # the old folder is back, not lost
+        _write_peft(out, {A: np.zeros((2, 2), np.float32)})
+    assert (_peft_tensors(out)[A] == 1).all() and sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+
+
 def test_peft_output_that_is_a_file_or_link_is_not_replaced(tmp_path):
     (tmp_path / "file").write_text("keep me")
     (tmp_path / "link").symlink_to(tmp_path / "file")
