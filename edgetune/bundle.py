@@ -214,8 +214,16 @@ class Bundle:
         return self.folder / name
 
     def state_folder(self, override: Path | None = None) -> Path:
-        """Where training state lives: ``override`` (``--state-dir``) or ``<bundle>/train-state``."""
-        return Path(override) if override is not None else self.folder / STATE_DIR
+        """Where training state lives: ``override`` (``--state-dir``) or ``<bundle>/train-state``.
+
+        The default must be a real folder in the bundle: a bundle from elsewhere could ship
+        ``train-state`` as a symlink to a folder of the device's."""
+        if override is not None:
+            return Path(override)
+        default = self.folder / STATE_DIR
+        if default.is_symlink():
+            raise BundleError(f"bundle {str(self.folder)!r}: {STATE_DIR} is a symlink; remove it or give --state-dir.")
+        return default
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.folder)!r})"

@@ -8,6 +8,13 @@ Layout (default ``<bundle>/train-state``)::
       adapter.safetensors  trainable tensors only (fast to read for eval/generate/delta)
       trainer.json         step, data position, seed, schedule, counters
     metrics.jsonl          one line per optimizer step
+    edgetune-state.json    marker: this folder is an edgetune state folder
+
+The folder may come from elsewhere (a copied bundle, a mistyped ``--state-dir``), so nothing in it
+is obeyed blindly: ``LATEST`` must name a ``ckpt-NNNNNNNN`` folder directly inside (a real folder,
+not a symlink), and a folder holding anything but the entries above (e.g. a home folder given as
+``--state-dir``) is refused before anything is read, written or deleted. Folders written before the
+marker existed are recognised by their layout (only LATEST, ckpt-*, metrics.jsonl and temp files).
 
 A checkpoint is written into a temporary folder, fsynced, renamed to ``ckpt-<step>``, and only
 then does ``LATEST`` (written to a temp file, fsynced, renamed) point at it; the previous
@@ -18,6 +25,7 @@ readable and ``LATEST`` pointing at a complete one.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgetune.atomic import atomic_write_bytes, is_disk_full, replace_dir
+from edgetune.atomic import atomic_write_bytes, fsync_dir, is_disk_full, replace_dir
 from edgetune.errors import TrainingError
 
 STATE_DIR = "train-state"
@@ -33,6 +41,15 @@ LATEST = "LATEST"
 ADAPTER = "adapter.safetensors"
 TRAINER = "trainer.json"
 METRICS = "metrics.jsonl"
+MARKER = "edgetune-state.json"
+CHECKPOINT_NAME = re.compile(r"ckpt-\d{8}")
+# Every entry edgetune writes into a state folder: the files above, checkpoints, and the temp names
+# of checkpoints being written (".ckpt-N.partial"), of a checkpoint being swapped out
+# (".ckpt-N.old-<ns>", edgetune.atomic.replace_dir), of atomic file replacements
+# (".NAME.<random>.partial") and of the disk-full probe (".disk-probe.<random>").
+OWN_ENTRY = re.compile(r"(LATEST|metrics\.jsonl|edgetune-state\.json|ckpt-\d{8}|\.ckpt-\d{8}\.(partial|old-\d+)"
+                       r"|\.(LATEST|metrics\.jsonl|edgetune-state\.json)\.[^/]*\.partial|\.disk-probe\.[^/]*)")
+RESTART_HINT = "start over with `edgetune train --restart` (it clears only edgetune's own files there)"
 
 
 @dataclass
@@ -54,30 +71,72 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def foreign_entries(folder: Path) -> list[str]:
+    """Entries of an existing ``folder`` that edgetune would not have written (symlinks included)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_symlink() or not OWN_ENTRY.fullmatch(p.name))
+
+
 class StateDir:
+    """A training state folder; refused at once when it exists and is not edgetune's."""
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        if self.folder.is_symlink() and not self.folder.exists():
+            raise TrainingError(f"training state folder {str(self.folder)!r} is a dangling symlink; "
+                                "give a new or empty folder with --state-dir.")
+        if self.folder.exists():
+            if not self.folder.is_dir():
+                raise TrainingError(f"training state folder {str(self.folder)!r} is a file, not a folder; "
+                                    "give a new or empty folder with --state-dir.")
+            foreign = foreign_entries(self.folder)
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise TrainingError(f"{str(self.folder)!r} is not an edgetune training state folder (it holds {shown}); "
+                                    "edgetune neither uses nor deletes it — give a new or empty folder with --state-dir.")
 
     @property
     def metrics_path(self) -> Path:
         return self.folder / METRICS
 
+    def _create(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        marker = self.folder / MARKER
+        if not marker.exists():
+            atomic_write_text(marker, json.dumps({"format": "edgetune training state", "version": 1}) + "\n")
+
     def latest(self) -> Checkpoint | None:
+        """The checkpoint ``LATEST`` names, or None when there is none; TrainingError if it is not
+        a complete checkpoint folder directly inside this folder."""
         pointer = self.folder / LATEST
-        if not pointer.is_file():
+        if not pointer.exists():
             return None
-        folder = self.folder / pointer.read_text().strip()
+        with open(pointer, "rb") as f:
+            raw = f.read(64)
+        name = raw.decode("utf-8", "replace").strip()
+        if not CHECKPOINT_NAME.fullmatch(name):
+            raise TrainingError(f"{pointer} names {name[:40]!r}, not a checkpoint folder (ckpt-NNNNNNNN) inside "
+                                f"{self.folder}; the state is damaged or not edgetune's — {RESTART_HINT}.")
+        folder = self.folder / name
+        if folder.is_symlink() or not folder.is_dir():
+            raise TrainingError(f"{pointer} names {name}, which is {'a symlink' if folder.is_symlink() else 'missing'} "
+                                f"in {self.folder}; the state is damaged — {RESTART_HINT}.")
+        linked = [f for f in (TRAINER, ADAPTER, "checkpoint") if (folder / f).is_symlink()]
+        if linked:
+            raise TrainingError(f"checkpoint {folder} holds symlinks ({', '.join(linked)}) instead of its files; "
+                                f"the state is not edgetune's — {RESTART_HINT}.")
         try:
             trainer = json.loads((folder / TRAINER).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise TrainingError(f"training state {folder} is unreadable ({exc}); pass --restart to start over.") from None
+            if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int) or trainer["step"] < 0:
+                raise ValueError("no step count")
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise TrainingError(f"training state {folder} is unreadable ({exc}); {RESTART_HINT}.") from None
         return Checkpoint(folder, trainer)
 
     def save(self, trainer: dict, adapter: dict[str, np.ndarray], write_backend: Callable[[Path], None]) -> Checkpoint:
         """Write a complete checkpoint for ``trainer['step']`` and point LATEST at it."""
         from safetensors.numpy import save_file
 
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._create()
         name = f"ckpt-{int(trainer['step']):08d}"
         tmp = self.folder / f".{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,17 +162,30 @@ class StateDir:
         return Checkpoint(self.folder / name, trainer)
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Delete what edgetune wrote here (the constructor refused any folder holding other entries)."""
+        if not self.folder.is_dir():
+            return
+        for child in self.folder.iterdir():
+            if child.name == MARKER or not OWN_ENTRY.fullmatch(child.name):
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        fsync_dir(self.folder)
 
     # --- metrics -------------------------------------------------------------------------------
     def append_metrics(self, row: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._create()
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines for steps after ``after_step`` (they are redone after a resume)."""
         if not self.metrics_path.is_file():
+            return
+        if after_step <= 0:
+            self.metrics_path.unlink()
             return
         keep = []
         for line in self.metrics_path.read_text().splitlines():

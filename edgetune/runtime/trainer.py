@@ -79,11 +79,12 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
     tokenizer, template = load_text(bundle)
     examples, stats = load_examples(opts.data, tokenizer, template, opts.max_seq_len, skip_bad=opts.skip_bad)
     state = StateDir(bundle.state_folder(opts.state_dir))
-    latest = state.latest()
-    if opts.restart:
+    if opts.restart:  # before reading LATEST: a damaged pointer must not block starting over
         state.clear()
         latest = None
-    elif latest is not None and latest.trainer.get("step", 0) > 0 and not opts.resume:
+    else:
+        latest = state.latest()
+    if latest is not None and latest.trainer.get("step", 0) > 0 and not opts.resume:
         raise EdgetuneError(
             f"{state.folder} holds a run at step {latest.trainer['step']}; pass --resume to continue it "
             "or --restart to start over from the bundle's adapter."
@@ -103,13 +104,17 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
             raise EdgetuneError(f"cannot --resume: the run's settings changed ({'; '.join(changed)}); "
                                 "use the same data and options, or pass --restart.")
         start = int(latest.trainer["step"])
-        plan.restore(latest.trainer["position"])
-        state.truncate_metrics(start)
+        try:
+            plan.restore(latest.trainer["position"])
+        except (KeyError, TypeError, ValueError):
+            raise TrainingError(f"{latest.folder}/trainer.json has no valid data position; "
+                                "the state is damaged — pass --restart to start over.") from None
         log(f"resuming from step {start} ({latest.folder.name})")
     elif opts.resume:
         log("no earlier run to resume; starting from the bundle's adapter")
-    elif state.metrics_path.exists():
-        state.metrics_path.unlink()
+    # Lines after the resumed checkpoint (all of them when starting at 0, e.g. after a kill before
+    # the first checkpoint) are redone, so metrics.jsonl equals an uninterrupted run's.
+    state.truncate_metrics(start)
 
     schedule = LinearSchedule(opts.lr, total, opts.warmup)
     backend = open_backend(opts.backend, bundle, checkpoint=latest.ort_checkpoint if latest else None,
