@@ -122,6 +122,45 @@ def test_resume_after_kill_matches_uninterrupted_run(bundle, tmp_path):
     assert steps == list(range(1, 25))
 
 
+def test_kill_before_first_checkpoint_then_resume_writes_each_step_once(bundle, tmp_path):
+    """Killed after metrics lines but before any checkpoint: --resume starts at step 0 and the
+    metrics file ends equal to an uninterrupted run's (steps, losses, learning rates, tokens)."""
+    import shutil
+
+    data = _write_pairs(tmp_path / "pairs.jsonl", repeat=6)
+    args = ["--data", data, "--steps", 60, "--batch-size", 2, "--lr", 5e-3, "--warmup", 3, "--save-every", 1000,
+            "--quiet"]
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    assert _cli("train", other, *args).returncode == 0
+
+    state = bundle / "train-state"
+    proc = subprocess.Popen([sys.executable, "-m", "edgetune.cli", "train", str(bundle), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (state / "metrics.jsonl").exists() and (state / "metrics.jsonl").read_text().count("\n") >= 2:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (state / "LATEST").exists() and (state / "metrics.jsonl").read_text().count("\n") >= 2
+    r = _cli("train", bundle, *args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "no earlier run to resume" in r.stderr
+
+    def rows(folder):
+        lines = (folder / "train-state" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines]
+
+    got, want = rows(bundle), rows(other)
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, 61))
+    for g, w in zip(got, want):
+        assert (g["lr"], g["tokens"]) == (w["lr"], w["tokens"])
+        assert abs(g["loss"] - w["loss"]) <= 1e-5 * max(abs(w["loss"]), 1.0), (g, w)
+
+
 def test_nan_loss_stops_and_keeps_checkpoint(bundle, tmp_path):
     from edgetune.errors import TrainingError
     from edgetune.runtime.adapter_source import initial_adapter
