@@ -1,7 +1,7 @@
 """Domain errors: every user mistake becomes one of these, never a bare traceback.
 
 The CLI turns an ``EdgetuneError`` into a one-line message and exit code 2. Messages name the
-input, the value and the fix (STYLE.md #5).
+input, the value and the fix.
 """
 
 

@@ -1,4 +1,4 @@
-"""The torch layers of the adaptation methods: one module per method (STYLE.md #1).
+"""The torch layers of the adaptation methods: one module per method.
 
 Everything a method is apart from torch (config, tensor roles, adapter off, merge, PEFT keys,
 summary) is its spec in the torch-free registry ``edgetune.methods``; the spec names its module

@@ -23,7 +23,7 @@ class LoraLinear(nn.Module):
     wrapped layer starts equal to the base layer.
     """
 
-    adapter_tensor_names = TENSOR_ROLES  # declared, not searched for (STYLE.md #3)
+    adapter_tensor_names = TENSOR_ROLES  # declared, not searched for in the graph
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float):
         super().__init__()
