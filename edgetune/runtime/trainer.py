@@ -98,7 +98,8 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
                 "lr": opts.lr, "warmup": opts.warmup}
     start = 0
     if latest is not None and opts.resume and latest.trainer.get("step", 0) > 0:
-        saved = latest.trainer.get("run", {})
+        saved = latest.trainer.get("run")
+        saved = saved if isinstance(saved, dict) else {}  # a damaged trainer.json: every setting "changed"
         changed = [f"{k}: {saved.get(k)!r} -> {identity[k]!r}" for k in RUN_IDENTITY if saved.get(k) != identity[k]]
         if changed:
             raise EdgetuneError(f"cannot --resume: the run's settings changed ({'; '.join(changed)}); "
