@@ -275,3 +275,15 @@ def test_unlisted_files_in_the_bundle_are_never_read(bundle, data):
     r = _cli("train", bundle, "--data", data, "--steps", 1, "--quiet")
     assert r.returncode == 0, r.stderr
     assert _cli("inspect", bundle).returncode == 0
+
+
+def test_train_with_eval_hashes_each_bundle_file_once(bundle, data, monkeypatch):
+    """One command, one verification: train with --eval-data evaluates twice but hashes once."""
+    import edgetune.bundle as bundle_module
+    from edgetune.cli import main
+
+    real, hashed = bundle_module.sha256_file, []
+    monkeypatch.setattr(bundle_module, "sha256_file", lambda path: hashed.append(Path(path)) or real(path))
+    main(["train", str(bundle), "--data", str(data), "--eval-data", str(data), "--steps", "1", "--quiet"])
+    listed = json.loads((bundle / MANIFEST).read_text())["files"]
+    assert sorted(p.name for p in hashed if p.parent == bundle) == sorted(listed)  # the data file is hashed too
