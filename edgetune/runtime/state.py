@@ -36,7 +36,6 @@ import numpy as np
 from edgetune.atomic import atomic_write_bytes, fsync_dir, is_disk_full, replace_dir
 from edgetune.errors import TrainingError
 
-STATE_DIR = "train-state"
 LATEST = "LATEST"
 ADAPTER = "adapter.safetensors"
 TRAINER = "trainer.json"
