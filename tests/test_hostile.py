@@ -287,3 +287,17 @@ def test_train_with_eval_hashes_each_bundle_file_once(bundle, data, monkeypatch)
     main(["train", str(bundle), "--data", str(data), "--eval-data", str(data), "--steps", "1", "--quiet"])
     listed = json.loads((bundle / MANIFEST).read_text())["files"]
     assert sorted(p.name for p in hashed if p.parent == bundle) == sorted(listed)  # the data file is hashed too
+
+
+def test_unlisted_checkpoint_sidecar_is_refused(bundle):
+    """ONNX Runtime would read "checkpoint.data" beside the checkpoint by its name alone."""
+    (bundle / "checkpoint.data").write_bytes(b"\0" * 16)
+    _refused(_cli("inspect", bundle), "checkpoint.data", "not listed")
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe\x00garbage", b"ckpt-00000001/../../x", b"/etc", b""])
+def test_latest_that_is_not_a_checkpoint_name_is_refused(bundle, data, pointer):
+    state = bundle / "train-state"
+    state.mkdir()
+    (state / "LATEST").write_bytes(pointer)
+    _refused(_cli("eval", bundle, "--data", data), "LATEST", "--restart")
