@@ -90,6 +90,7 @@ class Admitted:
     num_examples: int
     norm: float  # L2 norm of the change before any clipping
     clipped: bool
+    scale: float  # 1.0, or max_norm / norm: the factor the change was scaled by
     loss: float | None  # the device's reported training loss, when it sent one
 
 
@@ -214,8 +215,15 @@ def admit(body: bytes, *, claimed_round: int, current_round: int, spec: StoreSpe
     ``public_key``: the device's registered Ed25519 key, when it authenticates by signature.
     Raises ``UpdateRefused`` at the first failing check; nothing is stored here.
     """
+    check_round(claimed_round, current_round, policy)  # the cheap refusal before parsing
+    return admit_delta(parse_delta(body, public_key), claimed_round=claimed_round, current_round=current_round,
+                       spec=spec, policy=policy, global_of=global_of)
+
+
+def admit_delta(delta, *, claimed_round: int, current_round: int, spec: StoreSpec, policy: AdmissionPolicy,
+                global_of: Callable[[int], tuple[dict[str, np.ndarray], str]]) -> Admitted:
+    """``admit`` for a delta already parsed and verified by ``parse_delta``."""
     lateness = check_round(claimed_round, current_round, policy)
-    delta = parse_delta(body, public_key)
     check_fits(delta, spec, claimed_round)
     start, start_sha256 = global_of(claimed_round)
     adapter = full_adapter(delta, start, start_sha256)
@@ -223,5 +231,6 @@ def admit(body: bytes, *, claimed_round: int, current_round: int, spec: StoreSpe
     weight = update_weight(delta.num_examples, lateness, policy)
     adapter, norm, clipped = bound_norm(adapter, start, policy)
     loss = delta.metrics.get("loss")
+    scale = policy.max_norm / norm if clipped else 1.0
     return Admitted(ClientUpdate(adapter, start, weight), claimed_round, lateness, delta.num_examples, norm, clipped,
-                    float(loss) if loss is not None else None)
+                    scale, float(loss) if loss is not None else None)
