@@ -228,6 +228,8 @@ def admit_delta(delta, *, claimed_round: int, current_round: int, spec: StoreSpe
     start, start_sha256 = global_of(claimed_round)
     adapter = full_adapter(delta, start, start_sha256)
     check_tensors(adapter, spec)
+    if spec.method.get("config", {}).get("freeze_a"):  # FFA-LoRA: A stays at its seeded init, whatever was sent
+        adapter.update({k: start[k] for k in adapter if ".lora_A." in k})
     weight = update_weight(delta.num_examples, lateness, policy)
     adapter, norm, clipped = bound_norm(adapter, start, policy)
     loss = delta.metrics.get("loss")

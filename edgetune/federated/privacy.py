@@ -46,7 +46,11 @@ class DPOptions:
 
 def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     """(eps, delta)-DP epsilon after ``rounds`` Gaussian rounds with noise multiplier z (zCDP)."""
-    rho = rounds / (2.0 * noise_multiplier ** 2)
+    return epsilon_from_rho(rounds / (2.0 * noise_multiplier ** 2), delta)
+
+
+def epsilon_from_rho(rho: float, delta: float) -> float:
+    """(eps, delta)-DP implied by rho-zCDP; rounds with different noise add their rho."""
     return rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
 
 
