@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -114,24 +117,39 @@ class Store:
 
     @classmethod
     def create(cls, folder: Path | str, meta: dict, initial_global: bytes, initial_checksum: str) -> "Store":
-        """A new store whose round 0 global adapter is ``initial_global`` (delta bytes)."""
+        """A new store whose round 0 global adapter is ``initial_global`` (delta bytes).
+
+        Built in a temporary sibling folder and renamed into place: an interrupted init leaves no
+        half store under ``folder``.
+        """
         folder = Path(folder)
         if (folder / DATABASE).exists():
             raise StoreError(f"{folder} already holds a collector store; choose another --store or remove it.")
-        if folder.exists() and any(folder.iterdir()):
-            raise StoreError(f"{folder} exists and is not empty; give a new or empty folder as --store.")
-        (folder / BLOBS).mkdir(parents=True, exist_ok=True)
-        fsync_dir(folder)
-        blob = _put_blob(folder, initial_global)
-        db = _connect(folder / DATABASE)
-        db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
-        with db:
-            rows = [("schema_version", SCHEMA_VERSION), *meta.items()]
-            db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rows])
-            db.execute("INSERT INTO rounds (round, opened_at, global_blob, global_sha256) VALUES (0, ?, ?, ?)",
-                       (now_iso(), blob, initial_checksum))
-        db.close()
-        fsync_dir(folder)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise StoreError(f"{folder} exists and is not an empty folder; give a new or empty folder as --store.")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".init", dir=folder.parent))
+        try:
+            (tmp / BLOBS).mkdir()
+            blob = _put_blob(tmp, initial_global)
+            db = _connect(tmp / DATABASE)
+            db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+            with db:
+                rows = [("schema_version", SCHEMA_VERSION), *meta.items()]
+                db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rows])
+                db.execute("INSERT INTO rounds (round, opened_at, global_blob, global_sha256) VALUES (0, ?, ?, ?)",
+                           (now_iso(), blob, initial_checksum))
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            db.close()
+            fsync_dir(tmp)
+            if folder.exists():
+                folder.rmdir()  # empty, checked above
+            os.rename(tmp, folder)
+            tmp = None
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        fsync_dir(folder.parent)
         return cls(folder)
 
     def _q(self, sql: str, params: tuple = ()) -> list[tuple]:
