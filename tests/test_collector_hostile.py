@@ -215,3 +215,18 @@ def test_unknown_routes_and_rounds_answer_json(running):
                                  ("GET", "/v1/rounds/0/updates", 405)):
         r = httpx.request(method, url + path)
         assert r.status_code == status and "error" in r.json(), (path, r.text)
+
+
+def test_concurrent_uploads_from_one_device_admit_exactly_one(running):
+    """Eight different updates from one device at once: one is admitted, seven get 409 (runs last: it adds a row)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = running
+    bodies = [device_update(c["glob"], c["rng"]) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: upload(c["server"].url, 0, b, device="other", token=c["tokens"]["other"]),
+                                bodies))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [201] + [409] * 7, [r.text for r in answers]
+    assert {r.json()["reason"] for r in answers if r.status_code == 409} <= {"one_per_round"}
+    assert httpx.get(c["server"].url + "/v1/round").json()["accepted"] == 3

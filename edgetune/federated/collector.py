@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -70,6 +71,11 @@ class Collector:
         self.aggregation = AggregationOptions(agg.aggregator, agg.trim, store.meta("space"), store.meta("rank"), agg.dp)
         self._globals: dict[int, tuple[dict[str, np.ndarray], str]] = {}
         self._failed_at: float | None = None
+        # Admitted uploads whose blob is being written: the round cannot close under them.
+        self._reserved_ids: set[str] = set()
+        self._reserved_devices: set[str] = set()
+        self._settled = threading.Condition(store.lock)
+        self._closing = False
         self.last_error: str | None = None
 
     # --- globals ------------------------------------------------------------------------------------
@@ -141,18 +147,33 @@ class Collector:
             earlier = self._retry(device, update_id, digest)  # a concurrent retry may have landed meanwhile
             if earlier is not None:
                 return 200, earlier
+            if not self._settled.wait_for(lambda: not self._closing, timeout=120):
+                raise UpdateRefused(503, "busy", "the round is being aggregated; retry in a moment.")
+            if update_id in self._reserved_ids:
+                raise UpdateRefused(409, "upload_in_progress", f"update {update_id} is being stored right now; "
+                                                               "retry in a moment to get its answer.")
             current = self.store.current_round().round
             admitted = admit_delta(delta, claimed_round=claimed_round, current_round=current, spec=self.spec,
                                    policy=self.options.policy, global_of=self.global_of)
-            if self.store.has_device_update(device.device_id, claimed_round, current):
+            if (self.store.has_device_update(device.device_id, claimed_round, current)
+                    or device.device_id in self._reserved_devices):
                 raise UpdateRefused(409, "one_per_round", f"device {device.device_id!r} already has an update for "
                                                           f"round {claimed_round} or in round {current}; one per round.")
-            answer = {"update_id": update_id, "round": claimed_round, "status": "accepted",
-                      "weight": admitted.update.weight, "aggregated_into": current, "late": admitted.lateness,
-                      "clipped": admitted.clipped}
+            self._reserved_ids.add(update_id)  # until committed: aggregation waits, duplicates are refused
+            self._reserved_devices.add(device.device_id)
+        answer = {"update_id": update_id, "round": claimed_round, "status": "accepted",
+                  "weight": admitted.update.weight, "aggregated_into": current, "late": admitted.lateness,
+                  "clipped": admitted.clipped}
+        try:
+            self.store.put_blob(body)  # fsyncs outside the lock, so uploads store their blobs in parallel
             self.store.add_update(UpdateRow(update_id, device.device_id, claimed_round, current, digest, now_iso(),
                                             admitted.num_examples, admitted.update.weight, admitted.norm,
-                                            admitted.scale, admitted.lateness, admitted.loss, answer), body)
+                                            admitted.scale, admitted.lateness, admitted.loss, answer))
+        finally:
+            with self._settled:
+                self._reserved_ids.discard(update_id)
+                self._reserved_devices.discard(device.device_id)
+                self._settled.notify_all()
         return 201, answer
 
     def _retry(self, device: Device, update_id: str, digest: str) -> dict | None:
@@ -175,24 +196,39 @@ class Collector:
         if self._failed_at is not None and time.monotonic() - self._failed_at < _RETRY_FAILED_AGGREGATION_S:
             return None
         with self.store.lock:
-            current = self.store.current_round()
-            count = self.store.count_for(current.round)
-            deadline = self.deadline(current.opened_at)
-            passed = deadline is not None and datetime.now(timezone.utc) >= datetime.fromisoformat(deadline)
-            if count >= self.options.min_updates:
-                trigger = "min_updates"
-            elif passed and count >= self.options.min_at_deadline:
-                trigger = "deadline"
-            else:
+            if self._trigger(len(self._reserved_ids)) is None:
                 return None
+            self._closing = True  # new uploads wait; the admitted ones in flight are committed first
             try:
-                self._aggregate(current, trigger)
-            except Exception as exc:  # the round stays open with every update; retried later
-                self._failed_at, self.last_error = time.monotonic(), f"round {current.round}: {exc}"
-                log.exception("aggregation of round %s failed; it stays open", current.round)
-                return None
-            self._failed_at = self.last_error = None
-            return current.round + 1
+                if not self._settled.wait_for(lambda: not self._reserved_ids, timeout=60):
+                    return None  # an upload is stuck writing its blob; try again at the next check
+                current = self.store.current_round()
+                trigger = self._trigger(0)
+                if trigger is None:
+                    return None
+                try:
+                    self._aggregate(current, trigger)
+                except Exception as exc:  # the round stays open with every update; retried later
+                    self._failed_at, self.last_error = time.monotonic(), f"round {current.round}: {exc}"
+                    log.exception("aggregation of round %s failed; it stays open", current.round)
+                    return None
+                self._failed_at = self.last_error = None
+                return current.round + 1
+            finally:
+                self._closing = False
+                self._settled.notify_all()
+
+    def _trigger(self, in_flight: int) -> str | None:
+        """Why the open round is due (with ``in_flight`` more updates), or None. Call under the lock."""
+        current = self.store.current_round()
+        count = self.store.count_for(current.round) + in_flight
+        deadline = self.deadline(current.opened_at)
+        passed = deadline is not None and datetime.now(timezone.utc) >= datetime.fromisoformat(deadline)
+        if count >= self.options.min_updates:
+            return "min_updates"
+        if passed and count >= self.options.min_at_deadline:
+            return "deadline"
+        return None
 
     def _aggregate(self, current, trigger: str) -> None:
         from edgetune.delta import encode_delta, read_delta

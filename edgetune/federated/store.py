@@ -235,11 +235,12 @@ class Store:
                               (device_id, round_, target_round))
         return row is not None
 
-    def add_update(self, row: UpdateRow, data: bytes) -> None:
-        """Write the blob (fsynced), then commit the row: durable when this returns."""
-        if _sha256(data) != row.blob:
+    def add_update(self, row: UpdateRow, data: bytes | None = None) -> None:
+        """Write the blob (fsynced) unless stored already (``data`` None), then commit the row."""
+        if data is not None and self.put_blob(data) != row.blob:
             raise StoreError("internal: the update's blob name is not the SHA-256 of its bytes.")
-        self.put_blob(data)
+        if not self.blob_path(row.blob).is_file():
+            raise StoreError(f"internal: blob {row.blob} must be stored before its update row.")
         with self.lock, self.db:
             self.db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (row.update_id, row.device_id, row.round, row.target_round, row.blob, row.received_at,
