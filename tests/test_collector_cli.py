@@ -102,3 +102,41 @@ def test_every_collect_command_has_help(flag):
                  ("collect", "serve"), ("collect", "status"), ("collect", "export")):
         r = cli(*args, flag)
         assert r.returncode == 0 and "Usage:" in r.stdout, args
+
+
+def test_frozen_a_bundle_ships_b_only_and_exports_a_from_the_bundle(tiny_bundle, tiny_model_dir, tmp_path):
+    """A bundle whose lora_A tensors are frozen (FFA-LoRA): the store's layout is B only, and the PEFT
+    export takes A from the bundle's checkpoint."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.federated.bundle_io import global_tensors
+    from edgetune.federated.store import Store
+    from edgetune.runtime.adapter_source import initial_adapter
+    from edgetune.bundle import read_manifest
+
+    bundle = tmp_path / "bundle-ffa"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = json.loads((bundle / "edgetune.json").read_text())
+    a_rows = [t for t in manifest["trainable"] if ".lora_A." in t["peft_key"]]
+    manifest["trainable"] = [t for t in manifest["trainable"] if t not in a_rows]
+    manifest["frozen"] += a_rows
+    manifest["method"]["config"]["freeze_a"] = True
+    (bundle / "edgetune.json").write_text(json.dumps(manifest))
+    store = tmp_path / "fleet"
+    make_store(bundle, store, [])
+    s = Store(store)
+    assert s.meta("space") == "tensor" and all(".lora_B." in k for k in s.meta("layout"))
+    out = tmp_path / "peft"
+    r = cli("collect", "export", "--store", store, "--peft", out, "--bundle", bundle)
+    assert r.returncode == 0, r.stderr
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
+    state = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    original = read_manifest(tiny_bundle)
+    init = initial_adapter(tiny_bundle, original)
+    for t in original.trainable:
+        expected = global_tensors(s, 0)[t.peft_key] if ".lora_B." in t.peft_key else init[t.graph_name]
+        torch.testing.assert_close(state[t.peft_key], torch.from_numpy(expected))

@@ -169,6 +169,13 @@ def check_tensors(tensors: dict[str, np.ndarray], spec: StoreSpec) -> None:
         raise UpdateRefused(422, "non_finite", f"NaN or Inf values in {len(bad)} tensor(s): {', '.join(bad[:3])}.")
 
 
+def pin_frozen(adapter: dict[str, np.ndarray], start: dict[str, np.ndarray], spec: StoreSpec) -> dict[str, np.ndarray]:
+    """Under FFA-LoRA (method config ``freeze_a``) A stays at the global's value, whatever was sent."""
+    if not spec.method.get("config", {}).get("freeze_a"):
+        return adapter
+    return {k: (start[k] if ".lora_A." in k else v) for k, v in adapter.items()}
+
+
 def full_adapter(delta, start: dict[str, np.ndarray], start_sha256: str) -> dict[str, np.ndarray]:
     """The device's whole adapter: a full delta as is, a difference added to the round's global."""
     if delta.kind == "full":
@@ -228,8 +235,7 @@ def admit_delta(delta, *, claimed_round: int, current_round: int, spec: StoreSpe
     start, start_sha256 = global_of(claimed_round)
     adapter = full_adapter(delta, start, start_sha256)
     check_tensors(adapter, spec)
-    if spec.method.get("config", {}).get("freeze_a"):  # FFA-LoRA: A stays at its seeded init, whatever was sent
-        adapter.update({k: start[k] for k in adapter if ".lora_A." in k})
+    adapter = pin_frozen(adapter, start, spec)
     weight = update_weight(delta.num_examples, lateness, policy)
     adapter, norm, clipped = bound_norm(adapter, start, policy)
     loss = delta.metrics.get("loss")

@@ -65,4 +65,28 @@ def export_peft(store: Store, n: int, bundle: Path, out: Path, force: bool = Fal
     if problems:
         raise EdgetuneError(f"--bundle {bundle} is not the bundle this store was made from: {'; '.join(problems)}; "
                             "give that bundle.")
-    write_peft_adapter(out, manifest, global_tensors(store, n), force=force)
+    tensors = {**fixed_peft_tensors(bundle, manifest), **global_tensors(store, n)}
+    write_peft_adapter(out, manifest, tensors, force=force)
+
+
+def fixed_peft_tensors(bundle: Path, manifest) -> dict[str, np.ndarray]:
+    """Adapter tensors the bundle holds frozen (e.g. A under FFA-LoRA): PEFT needs them, devices never ship them.
+
+    They are the frozen tensors with a PEFT key; their values come from the bundle's ORT checkpoint.
+    """
+    wanted = {t.graph_name: t.peft_key for t in manifest.frozen if t.peft_key}
+    if not wanted:
+        return {}
+    from edgetune.runtime.ort_import import training_api
+
+    state = training_api().CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
+    out, missing = {}, []
+    for graph_name, peft_key in wanted.items():
+        try:
+            out[peft_key] = np.array(state.parameters[graph_name].data, dtype=np.float32)
+        except (KeyError, RuntimeError):
+            missing.append(graph_name)
+    if missing:
+        raise EdgetuneError(f"bundle {bundle}: frozen adapter tensor(s) {', '.join(missing[:3])} are not in its "
+                            "checkpoint; re-export the bundle.")
+    return out
