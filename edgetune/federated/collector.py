@@ -144,11 +144,11 @@ class Collector:
         key = _public_key(device.public_key) if by_key else None
         delta = parse_delta(body, key)  # outside the lock: the costly checksum, signature and decoding
         with self.store.lock:
+            if not self._settled.wait_for(lambda: not self._closing, timeout=120):
+                raise UpdateRefused(503, "busy", "the round is being aggregated; retry in a moment.")
             earlier = self._retry(device, update_id, digest)  # a concurrent retry may have landed meanwhile
             if earlier is not None:
                 return 200, earlier
-            if not self._settled.wait_for(lambda: not self._closing, timeout=120):
-                raise UpdateRefused(503, "busy", "the round is being aggregated; retry in a moment.")
             if update_id in self._reserved_ids:
                 raise UpdateRefused(409, "upload_in_progress", f"update {update_id} is being stored right now; "
                                                                "retry in a moment to get its answer.")
