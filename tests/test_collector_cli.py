@@ -115,8 +115,8 @@ def test_frozen_a_bundle_ships_b_only_and_exports_a_from_the_bundle(tiny_bundle,
 
     from edgetune.federated.bundle_io import global_tensors
     from edgetune.federated.store import Store
+    from edgetune.bundle import Bundle
     from edgetune.runtime.adapter_source import initial_adapter
-    from edgetune.bundle import read_manifest
 
     bundle = tmp_path / "bundle-ffa"
     shutil.copytree(tiny_bundle, bundle)
@@ -135,8 +135,8 @@ def test_frozen_a_bundle_ships_b_only_and_exports_a_from_the_bundle(tiny_bundle,
     assert r.returncode == 0, r.stderr
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
     state = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
-    original = read_manifest(tiny_bundle)
-    init = initial_adapter(tiny_bundle, original)
-    for t in original.trainable:
+    original = Bundle.open(tiny_bundle)
+    init = initial_adapter(original)
+    for t in original.manifest.trainable:
         expected = global_tensors(s, 0)[t.peft_key] if ".lora_B." in t.peft_key else init[t.graph_name]
         torch.testing.assert_close(state[t.peft_key], torch.from_numpy(expected))

@@ -15,12 +15,13 @@ from edgetune.federated.store import Store
 
 def init_store(bundle: Path, folder: Path) -> Store:
     """A new store for ``bundle``: records base hash, method, tensor layout; round 0 = its initial adapter."""
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.delta import encode_delta, read_delta
     from edgetune.runtime.adapter_source import initial_adapter
 
-    manifest = read_manifest(bundle)
-    by_graph = initial_adapter(bundle, manifest)
+    opened = Bundle.open(bundle)
+    manifest = opened.manifest
+    by_graph = initial_adapter(opened)
     tensors = {t.peft_key: by_graph[t.graph_name] for t in manifest.trainable}
     method = {"name": manifest.method["name"], "config": manifest.method["config"]}
     layout = {k: list(v) for k, v in manifest.trainable_shapes().items()}
@@ -51,10 +52,11 @@ def global_tensors(store: Store, n: int) -> dict[str, np.ndarray]:
 
 def export_peft(store: Store, n: int, bundle: Path, out: Path, force: bool = False) -> None:
     """Round n's global adapter as a PEFT folder for ``bundle`` (which must be the store's bundle)."""
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.peft_io import write_peft_adapter
 
-    manifest = read_manifest(bundle)
+    opened = Bundle.open(bundle)
+    manifest = opened.manifest
     problems = []
     if manifest.base_sha256 != store.meta("base_model_sha256"):
         problems.append(f"its base model is {manifest.base_sha256[:16]}…, the store's is "
@@ -65,21 +67,21 @@ def export_peft(store: Store, n: int, bundle: Path, out: Path, force: bool = Fal
     if problems:
         raise EdgetuneError(f"--bundle {bundle} is not the bundle this store was made from: {'; '.join(problems)}; "
                             "give that bundle.")
-    tensors = {**fixed_peft_tensors(bundle, manifest), **global_tensors(store, n)}
+    tensors = {**fixed_peft_tensors(opened), **global_tensors(store, n)}
     write_peft_adapter(out, manifest, tensors, force=force)
 
 
-def fixed_peft_tensors(bundle: Path, manifest) -> dict[str, np.ndarray]:
+def fixed_peft_tensors(bundle) -> dict[str, np.ndarray]:
     """Adapter tensors the bundle holds frozen (e.g. A under FFA-LoRA): PEFT needs them, devices never ship them.
 
     They are the frozen tensors with a PEFT key; their values come from the bundle's ORT checkpoint.
     """
-    wanted = {t.graph_name: t.peft_key for t in manifest.frozen if t.peft_key}
+    wanted = {t.graph_name: t.peft_key for t in bundle.manifest.frozen if t.peft_key}
     if not wanted:
         return {}
     from edgetune.runtime.ort_import import training_api
 
-    state = training_api().CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
+    state = training_api().CheckpointState.load_checkpoint(str(bundle.path("checkpoint")))
     out, missing = {}, []
     for graph_name, peft_key in wanted.items():
         try:
@@ -87,6 +89,6 @@ def fixed_peft_tensors(bundle: Path, manifest) -> dict[str, np.ndarray]:
         except (KeyError, RuntimeError):
             missing.append(graph_name)
     if missing:
-        raise EdgetuneError(f"bundle {bundle}: frozen adapter tensor(s) {', '.join(missing[:3])} are not in its "
+        raise EdgetuneError(f"bundle {bundle.folder}: frozen adapter tensor(s) {', '.join(missing[:3])} are not in its "
                             "checkpoint; re-export the bundle.")
     return out
