@@ -37,6 +37,12 @@ def test_init_devices_status_export(tiny_bundle, tiny_model_dir, tmp_path):
     generate_keypair(tmp_path / "d.key")
     r = cli("collect", "devices", "add", "phone-2", "--store", store, "--public-key", tmp_path / "d.key.pub")
     assert r.returncode == 0 and "key" in r.stdout
+    from edgetune.federated.store import Store
+
+    s = Store(store)  # durable settings: WAL, and every commit fsynced (synchronous=FULL is 2)
+    assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert s.db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    s.close()
     r = cli("collect", "status", "--store", store)
     assert r.returncode == 0 and "devices    2" in r.stdout and "round      0 open" in r.stdout
     status = json.loads(cli("collect", "status", "--store", store, "--json").stdout)

@@ -47,7 +47,7 @@ async def read_body(request, cap: int, timeout: float) -> bytes:
 
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise UpdateRefused(400, "bad_headers", f"Content-Length {declared[:40]!r} is not a number.")
         if int(declared) > cap:
             raise UpdateRefused(413, "too_large", f"the body has {int(declared):,} bytes, above this collector's "
