@@ -54,6 +54,14 @@ class StoreSpec:
     method: dict  # {"name", "config"}: as deltas carry it
     layout: dict[str, tuple[int, ...]]  # PEFT key -> shape
 
+    def target(self):
+        """The ``AdapterTarget`` deltas are fitted to. The collector works by PEFT key alone (graph names
+        play no part in a fit), so each tensor's graph name is its PEFT key."""
+        from edgetune.delta.resolve import AdapterTarget
+
+        return AdapterTarget(self.base_model_sha256, self.method,
+                             tuple((key, key, tuple(shape)) for key, shape in self.layout.items()))
+
 
 @dataclass(frozen=True)
 class AdmissionPolicy:
@@ -132,16 +140,19 @@ def check_round(claimed: int, current: int, policy: AdmissionPolicy) -> int:
 
 
 def check_fits(delta, spec: StoreSpec, claimed_round: int) -> None:
-    """Base model, method and tensors must match the store; every mismatch in one refusal."""
-    from edgetune.delta import check_compatible
+    """Base model, method and tensors must match the store (``edgetune.delta.resolve.fits``, as every
+    command that reads a delta); every mismatch in one refusal, its reason the first kind found."""
+    from edgetune.delta.resolve import fits
     from edgetune.errors import DeltaError
 
     try:
-        check_compatible(delta, base_model_sha256=spec.base_model_sha256, method=spec.method,
-                         expected_shapes=spec.layout)
+        fits(delta, spec.target())
     except DeltaError as exc:
-        reason = ("wrong_base_model" if "base model" in str(exc) else
-                  "wrong_method" if "method" in str(exc) or f"{spec.method.get('name')} " in str(exc) else
+        header, ours = delta.header, spec.method
+        same_config = {k: v for k, v in header["method"].get("config", {}).items() if k != "seed"} == \
+            {k: v for k, v in ours["config"].items() if k != "seed"}
+        reason = ("wrong_base_model" if header["base_model_sha256"] != spec.base_model_sha256 else
+                  "wrong_method" if header["method"].get("name") != ours["name"] or not same_config else
                   "wrong_tensors")
         raise UpdateRefused(422, reason, str(exc).replace("this bundle", "this collector's store")) from None
     round_id = delta.round_id
@@ -184,7 +195,9 @@ def full_adapter(delta, start: dict[str, np.ndarray], start_sha256: str) -> dict
         raise UpdateRefused(422, "wrong_since", f"the difference was made against delta {delta.since_sha256[:16]}…, "
                                                 f"not this round's global adapter {start_sha256[:16]}…; make it with "
                                                 "`edgetune delta --since` the global adapter of its round.")
-    return {k: (start[k] + delta.tensors[k]).astype(np.float32) for k in start}
+    from edgetune.delta import apply_diff
+
+    return apply_diff(start, delta.tensors)
 
 
 def bound_norm(adapter: dict[str, np.ndarray], start: dict[str, np.ndarray],

@@ -249,7 +249,7 @@ class Collector:
         metrics = {"loss": report["loss"]} if report["loss"] is not None else {}
         data = encode_delta(result.tensors, base_model_sha256=self.spec.base_model_sha256, method=self.spec.method,
                             codec="fp32", num_examples=report["examples"], round_id=str(current.round + 1),
-                            metrics=metrics, producer={"collector_round": current.round})
+                            metrics=metrics, producer={"collector_round": str(current.round)})
         checksum = read_delta(data).sha256
         blob = self.store.put_blob(data)
         pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
