@@ -43,10 +43,10 @@ def status_text(s: dict) -> str:
         lines.append("refused    " + ", ".join(f"{k}: {v}" for k, v in s["refused_by_reason"].items()))
     lines.append("")
     lines.append(f"{'round':>5}  {'updates':>7}  {'examples':>8}  {'loss':>8}  {'aggregator':<12}  "
-                 f"{'SVD loss':>8}  {'DP eps':>7}  closed")
+                 f"{'discarded':>9}  {'DP eps':>7}  closed")
     for r in s["rounds"]:
         lines.append(f"{r['round']:>5}  {r['accepted']:>7}  {r['examples']:>8}  {_num(r['loss'], '.4f'):>8}  "
-                     f"{(r['aggregator'] or '—'):<12}  {_num(r['discarded_energy_max'], '.2e'):>8}  "
+                     f"{(r['aggregator'] or '—'):<12}  {_num(r['discarded_energy_max'], '.2e'):>9}  "
                      f"{_num(r['dp_epsilon_total'], '.3g'):>7}  {r['closed_at'] or 'open'}")
     return "\n".join(lines)
 
