@@ -92,7 +92,9 @@ def test_one_line_errors(tiny_bundle, tmp_path):
         assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)
 
 
-def test_serve_refuses_a_busy_port(tiny_bundle, tmp_path):
+def test_serve_refuses_a_busy_port_and_a_served_store(tiny_bundle, tmp_path):
+    from tests.collector_helpers import Server, free_port
+
     store = tmp_path / "fleet"
     make_store(tiny_bundle, store, [])
     with socket.socket() as busy:
@@ -100,6 +102,9 @@ def test_serve_refuses_a_busy_port(tiny_bundle, tmp_path):
         busy.listen()
         r = cli("collect", "serve", "--store", store, "--port", busy.getsockname()[1], timeout=60)
     assert r.returncode == 2 and "cannot listen" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    with Server(store):
+        r = cli("collect", "serve", "--store", store, "--port", free_port(), timeout=60)
+    assert r.returncode == 2 and "already being served" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])

@@ -84,6 +84,7 @@ def create_app(store_folder: Path | str, options: ServeOptions):
     from edgetune.federated.status import status
 
     store = Store(store_folder)
+    store.lock_for_serving()
     collector = Collector(store, options)
 
     def guarded(handler):

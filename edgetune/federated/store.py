@@ -274,6 +274,23 @@ class Store:
         keys = ("at", "device_id", "update_id", "round", "status", "reason", "message")
         return [dict(zip(keys, r)) for r in rows]
 
+    def lock_for_serving(self) -> None:
+        """Refuse a second ``collect serve`` on this store (its admission state lives in one process).
+
+        An advisory lock on STORE/serve.lock, held until the process ends (a killed process drops it).
+        """
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no exclusive serving check
+            return
+        self._serve_lock = open(self.folder / "serve.lock", "a+")
+        try:
+            fcntl.flock(self._serve_lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._serve_lock.close()
+            raise StoreError(f"{self.folder} is already being served by another `edgetune collect serve`; stop it "
+                             "first (one server per store).") from None
+
     def close(self) -> None:
         self.db.close()
 
