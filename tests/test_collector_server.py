@@ -18,7 +18,9 @@ DEVICES = [f"dev-{i}" for i in range(5)]
 
 
 def _frozen_a_bundle(tiny_bundle, tmp_path):
-    """The tiny bundle with ``freeze_a`` in its method config: what `export --freeze-a` declares."""
+    """The tiny bundle with ``freeze_a`` in its method config while its deltas still list lora_A: the
+    collector aggregates tensor-wise and pins A. (A bundle whose A is not trainable at all, as
+    `export --freeze-a` writes, is covered in test_collector_cli.py.)"""
     copy = tmp_path / "bundle-ffa"
     shutil.copytree(tiny_bundle, copy)
     manifest = json.loads((copy / "edgetune.json").read_text())
