@@ -17,9 +17,10 @@ Every refusal is an ``UpdateRefused`` carrying an HTTP status, a short machine r
  422   norm_too_large      L2 norm of the change above ``max_norm`` with policy ``refuse``
 =====  ==================  ===============================================================
 
-Authentication (tokens) and idempotency live with the store; the size cap is enforced by the
-server while it reads the body. Flower clients send arrays, not delta files: ``check_tensors``,
-``bound_norm`` and ``update_weight`` are the same checks on plain tensors.
+Authentication (tokens), idempotency and one update per device per round live in
+``collector``; the size cap is enforced by ``server`` while it reads the body. Flower clients send
+arrays, not delta files: ``check_tensors``, ``pin_frozen``, ``bound_norm`` and ``update_weight``
+are the same checks on plain tensors.
 """
 
 from __future__ import annotations
