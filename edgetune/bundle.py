@@ -76,6 +76,10 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     schema_version: int = SCHEMA_VERSION
     producer: dict = field(default_factory=dict)
+    # The portable gradient graph for the stock onnxruntime package (None: exported before it
+    # existed): {"file", "eval_file", "supported", "unsupported": [{"op_type", "node", ...}],
+    # "gradients": {graph_name: output name}, "loss"}; see edgetune/export/portable/.
+    portable: dict | None = None
 
     # --- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -30,6 +30,7 @@ def bundle_summary(bundle: Bundle) -> str:
         f"trainable   {trainable:,} parameters in {len(m.trainable)} tensors ({100 * trainable / max(frozen, 1):.2f}% of the base)",
         f"frozen      {frozen:,} parameters; {quantized} of {len(m.frozen)} tensors {m.quantization if quantized else 'fp32'}",
         f"memory plan {memory_plan_text(m.producer)}",
+        f"backends    {backends_text(m.portable)}",
         f"optimizer   AdamW betas={tuple(m.optimizer['betas'])} eps={m.optimizer['eps']:g} weight_decay={m.optimizer['weight_decay']:g}",
         f"inputs      " + ", ".join(f"{i.name} {i.dtype}[{','.join(map(str, i.dims))}]" for i in m.inputs) + f" -> {', '.join(m.outputs)}",
         f"tokenizer   {m.tokenizer.file}; chat template {'yes' if m.tokenizer.chat_template else 'no'}; stop ids {m.tokenizer.stop_token_ids}",
@@ -52,6 +53,16 @@ def memory_plan_text(producer: dict) -> str:
     loss = f"loss in {plan['loss_chunks']} chunks" if plan["loss_chunks"] > 1 else "loss in one piece"
     return (f"--recompute {plan['recompute']} ({plan['recomputed_segments']} blocks recomputed), {loss}, "
             f"{plan['private_dequantize']} per-use dequantizations")
+
+
+def backends_text(portable: dict | None) -> str:
+    """Which training backends the bundle supports (manifest ``portable``)."""
+    if portable is None:
+        return "ort-training (no portable graph: exported before edgetune wrote one)"
+    if not portable["supported"]:
+        ops = sorted({u["op_type"] for u in portable["unsupported"]})
+        return f"ort-training (not portable: no standard-ONNX rewrite for {', '.join(ops)})"
+    return f"ort-training, portable ({portable['file']}: stock onnxruntime)"
 
 
 def _numel(shape) -> int:

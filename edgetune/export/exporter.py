@@ -131,6 +131,9 @@ def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Pa
     if opts.memory_rewrites:
         report(f"planning memory (recompute: {opts.recompute}, loss chunks: {opts.loss_chunks})")
         memory = optimize_artifacts(tmp, OUTPUT_NAMES[0], opts.recompute).to_dict(opts.recompute)
+    from edgetune.export.portable import export_portable  # after the memory plan: same graph, stock operators
+
+    portable = export_portable(tmp, trainable_names, report)
     report("exporting the generation graph (key/value cache, adapter as inputs)")
     generation = export_generation_graph(model, trainables, tmp / "generation_model.onnx", quantize=opts.quantize == "int8")
     tokenizer_info = save_tokenizer(tokenizer, model, tmp)
@@ -162,6 +165,7 @@ def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Pa
         tokenizer=tokenizer_info,
         generation=generation,
         producer={"edgetune": __version__, "opset": OPSET, "memory": memory},
+        portable=portable,
     )
     write_manifest(tmp, manifest)
     return manifest

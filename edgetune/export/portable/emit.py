@@ -1,0 +1,69 @@
+"""Building the standard nodes that stand in for one training operator.
+
+A rule receives the node it replaces and an ``Emitter``; every value the emitter makes is named
+under the replaced node's name, so the rewritten graph stays readable and names never collide.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+
+
+class NotPortable(Exception):
+    """A node the rule cannot express in standard operators (e.g. an attribute value it does not
+    handle); the node is then reported as unsupported, with this reason."""
+
+
+class Emitter:
+    def __init__(self, node: onnx.NodeProto, taken: set[str], constants: Callable[[str], np.ndarray | None]):
+        self.node = node
+        self.constant = constants  # name -> value of a graph constant (initializer), else None
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._taken = taken  # every value and node name already in the graph (shared, grows)
+        self._prefix = f"{node.name or node.op_type}/portable"
+
+    def fresh(self, tag: str) -> str:
+        name, k = f"{self._prefix}/{tag}", 1
+        while name in self._taken:
+            k += 1
+            name = f"{self._prefix}/{tag}_{k}"
+        self._taken.add(name)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, domain: str = "", **attrs) -> str:
+        """One node with one output (named ``out``, or a fresh name); returns the output's name."""
+        return self.op_n(op_type, inputs, [out or self.fresh(op_type)], domain=domain, **attrs)[0]
+
+    def op_n(self, op_type: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(f"{op_type}_node"),
+                                           domain=domain, **attrs))
+        return outputs
+
+    def const(self, value, dtype=np.int64, tag: str = "const") -> str:
+        """A constant tensor as an initializer of the rewritten graph."""
+        tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), self.fresh(tag))
+        self.initializers.append(tensor)
+        return tensor.name
+
+    def input(self, i: int) -> str:
+        """The replaced node's i-th input name, "" when absent."""
+        return self.node.input[i] if i < len(self.node.input) else ""
+
+    def output(self, i: int) -> str:
+        """The replaced node's i-th output name, "" when absent (an optional output not asked for)."""
+        return self.node.output[i] if i < len(self.node.output) else ""
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            value = helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default

@@ -1,0 +1,28 @@
+"""Rule for SimplifiedLayerNormalizationGrad (the backward of RMSNorm)."""
+
+from __future__ import annotations
+
+from edgetune.export.portable.emit import Emitter, attr
+from edgetune.export.portable.rules import rule
+
+
+@rule("SimplifiedLayerNormalizationGrad")
+def simplified_layer_norm_grad(node, e: Emitter) -> None:
+    """y = x * r * g with r = 1 / sqrt(mean(x^2) + eps) over the axes from ``axis`` on (r is the
+    forward's saved ``inv_std_var``, so epsilon is not needed again). In 2-D, (M, N) rows:
+      x^ = x r;  dX = r (dY g - x^ mean(dY g x^));  dScale = sum over rows of dY x^.
+    """
+    dy, x, scale, inv_std = (e.input(i) for i in range(4))
+    axis = attr(node, "axis", -1)
+    x2 = e.op("Flatten", [x], axis=axis)  # (M, N)
+    dy2 = e.op("Flatten", [dy], axis=axis)
+    r = e.op("Flatten", [inv_std], axis=axis)  # (M, 1)
+    x_hat = e.op("Mul", [x2, r])
+    if e.output(0):
+        dyg = e.op("Mul", [dy2, e.op("Reshape", [scale, e.const([1, -1])])])  # (M, N)
+        mean = e.op("ReduceMean", [e.op("Mul", [dyg, x_hat])], axes=[1], keepdims=1)  # (M, 1)
+        dx2 = e.op("Mul", [r, e.op("Sub", [dyg, e.op("Mul", [x_hat, mean])])])
+        e.op("Reshape", [dx2, e.op("Shape", [x])], out=e.output(0))
+    if e.output(1):
+        d_scale = e.op("ReduceSum", [e.op("Mul", [dy2, x_hat]), e.const([0])], keepdims=0)  # (N,)
+        e.op("Reshape", [d_scale, e.op("Shape", [scale])], out=e.output(1))
