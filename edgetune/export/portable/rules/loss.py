@@ -30,8 +30,7 @@ def softmax_cross_entropy_loss(node, e: Emitter) -> None:
     w = e.op("Gather", [weight, label], axis=0) if weight else None  # weight of each sample's class
     if w:
         loss = e.op("Mul", [loss, w])
-    if keep:
-        loss = e.op("Where", [keep, loss, e.const(0.0, np.float32)])
+    loss = e.op("Where", [keep, loss, e.const(0.0, np.float32)])
     if reduction == "none":
         e.op("Identity", [loss], out=e.output(0))
         return
@@ -39,7 +38,7 @@ def softmax_cross_entropy_loss(node, e: Emitter) -> None:
     if reduction == "sum":
         e.op("Identity", [total], out=e.output(0))
         return
-    e.op("Div", [total, _denominator(e, keep, w, label)], out=e.output(0))
+    e.op("Div", [total, _denominator(e, keep, w)], out=e.output(0))
 
 
 @rule("SoftmaxCrossEntropyLossGrad")
@@ -55,13 +54,10 @@ def softmax_cross_entropy_loss_grad(node, e: Emitter) -> None:
     w = e.op("Gather", [weight, label], axis=0) if weight else None
     coef = dy  # (N, d..) for "none", a scalar otherwise
     if reduction == "mean":
-        coef = e.op("Div", [dy, _denominator(e, keep, w, label)])
+        coef = e.op("Div", [dy, _denominator(e, keep, w)])
     if w:
         coef = e.op("Mul", [coef, w])
-    if keep:
-        coef = e.op("Where", [keep, coef, e.const(0.0, np.float32)])  # broadcasts a scalar to (N, d..)
-    elif reduction != "none":
-        coef = e.op("Expand", [coef, e.op("Shape", [label])])
+    coef = e.op("Where", [keep, coef, e.const(0.0, np.float32)])  # (N, d..); a scalar dY broadcasts
     e.op("Mul", [diff, e.op("Unsqueeze", [coef, e.const([1])])], out=e.output(0))
 
 
@@ -72,27 +68,23 @@ def _reduction(node) -> str:
     return reduction
 
 
-def _labels(node, e: Emitter, label: str, ignore_input: str) -> tuple[str, str | None]:
-    """(labels as int64 with ignored ones replaced by class 0 so they index safely,
-    bool mask of the kept samples or None when nothing is ignored)."""
+def _labels(node, e: Emitter, label: str, ignore_input: str) -> tuple[str, str]:
+    """(labels as int64 with ignored ones replaced by class 0 so they index safely, bool mask of
+    the kept samples)."""
     label = e.op("Cast", [label], to=TensorProto.INT64)
     if ignore_input:  # the index as a scalar tensor input overrides the attribute (as in the kernel)
         ignore = e.op("Cast", [ignore_input], to=TensorProto.INT64)
-    elif attr(node, "ignore_index") is not None:
-        ignore = e.const(int(attr(node, "ignore_index")))
-    else:
-        return label, None
+    else:  # absent, the training build's kernels ignore -1 (their schema's default)
+        ignore = e.const(int(attr(node, "ignore_index", -1)))
     ignored = e.op("Equal", [label, ignore])
     return e.op("Where", [ignored, e.const(0), label]), e.op("Not", [ignored])
 
 
-def _denominator(e: Emitter, keep: str | None, w: str | None, label: str) -> str:
+def _denominator(e: Emitter, keep: str, w: str | None) -> str:
     """Sum of the kept samples' weights (or their count); 1 where that is 0."""
     if w:
-        kept = e.op("Where", [keep, w, e.const(0.0, np.float32)]) if keep else w
-    elif keep:
-        kept = e.op("Cast", [keep], to=TensorProto.FLOAT)
+        kept = e.op("Where", [keep, w, e.const(0.0, np.float32)])
     else:
-        kept = e.op("Cast", [e.op("Size", [label])], to=TensorProto.FLOAT)
+        kept = e.op("Cast", [keep], to=TensorProto.FLOAT)
     total = e.op("ReduceSum", [kept], keepdims=0)
     return e.op("Where", [e.op("Equal", [total, e.const(0.0, np.float32)]), e.const(1.0, np.float32), total])

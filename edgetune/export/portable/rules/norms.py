@@ -18,11 +18,10 @@ def simplified_layer_norm_grad(node, e: Emitter) -> None:
     dy2 = e.op("Flatten", [dy], axis=axis)
     r = e.op("Flatten", [inv_std], axis=axis)  # (M, 1)
     x_hat = e.op("Mul", [x2, r])
-    if e.output(0):
-        dyg = e.op("Mul", [dy2, e.op("Reshape", [scale, e.const([1, -1])])])  # (M, N)
-        mean = e.op("ReduceMean", [e.op("Mul", [dyg, x_hat])], axes=[1], keepdims=1)  # (M, 1)
-        dx2 = e.op("Mul", [r, e.op("Sub", [dyg, e.op("Mul", [x_hat, mean])])])
-        e.op("Reshape", [dx2, e.op("Shape", [x])], out=e.output(0))
-    if e.output(1):
-        d_scale = e.op("ReduceSum", [e.op("Mul", [dy2, x_hat]), e.const([0])], keepdims=0)  # (N,)
-        e.op("Reshape", [d_scale, e.op("Shape", [scale])], out=e.output(1))
+    dyg = e.op("Mul", [dy2, e.op("Reshape", [scale, e.const([1, -1])])])  # (M, N)
+    mean = e.op("ReduceMean", [e.op("Mul", [dyg, x_hat])], axes=[1], keepdims=1)  # (M, 1)
+    dx2 = e.op("Mul", [r, e.op("Sub", [dyg, e.op("Mul", [x_hat, mean])])])
+    e.op("Reshape", [dx2, e.op("Shape", [x])], out=e.output(0))
+    # dScale: computed, and dropped with the rest of the dead nodes when nothing reads it (a frozen scale)
+    d_scale = e.op("ReduceSum", [e.op("Mul", [dy2, x_hat]), e.const([0])], keepdims=0)  # (N,)
+    e.op("Reshape", [d_scale, e.op("Shape", [scale])], out=e.output(1))

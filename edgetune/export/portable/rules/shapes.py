@@ -26,10 +26,10 @@ def concat_training(node, e: Emitter) -> None:
 
 @rule("SplitTraining")
 def split_training(node, e: Emitter) -> None:
-    """Split with the sizes as an input (opset 13+): the same operator under its standard name."""
-    inputs = [e.input(0)] + ([e.input(1)] if e.input(1) else [])  # no sizes: equal parts
+    """Split with the sizes as an input (opset 13+; SplitTraining requires them): the same
+    operator under its standard name."""
     outputs = [name or e.fresh("unused") for name in node.output]
-    e.op_n("Split", inputs, outputs, axis=attr(node, "axis", 0))
+    e.op_n("Split", [e.input(0), e.input(1)], outputs, axis=attr(node, "axis", 0))
 
 
 @rule("SliceGrad")
