@@ -208,4 +208,4 @@ def test_default_model_portable_graph_matches_the_training_backend(tmp_path_fact
     loss, grads, _ = _portable(bundle, manifest, batch, adapter)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
     for t, ref in ref_grads.items():
-        np.testing.assert_allclose(grads[t], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=t)
+        np.testing.assert_allclose(grads[t], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=t)
