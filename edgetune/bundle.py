@@ -146,7 +146,7 @@ ROLE_FILES = {
     "eval": "eval_model.onnx",
     "optimizer": "optimizer_model.onnx",
     "checkpoint": "checkpoint",  # ONNX Runtime training checkpoint: all parameters + AdamW moments
-    "portable": "portable_model.onnx",  # stock-onnxruntime backend graphs (not exported yet)
+    "portable": "portable_model.onnx",  # stock-onnxruntime backend graphs (edgetune/export/portable/)
     "portable_eval": "portable_eval_model.onnx",
 }
 ROLES = (*ROLE_FILES, "generation", "tokenizer")

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgetune.bundle import Manifest, read_manifest
+from edgetune.bundle import Bundle, Manifest, read_manifest
 from edgetune.export.portable.stock_ops import is_stock
 from tests.test_export import _batch
 from tests.test_memory import _loss_and_grads, _start
@@ -31,6 +31,8 @@ BUNDLES = {  # name -> export options (shared with other tests' exports where th
     "int8-full-8": {"quantize": "int8", "recompute": "full", "loss_chunks": 8},
     "fp32-mlp-1": {"quantize": "none", "recompute": "mlp", "loss_chunks": 1},
     "int8-plain": {"quantize": "int8", "memory_rewrites": False},
+    "int8-every-projection": {"quantize": "int8", "rank": 4, "use_rslora": True,
+                              "targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")},
 }
 FEW_LABELS = {"input_ids": np.array([[5, 6, 7, 8]], np.int64), "attention_mask": np.ones((1, 4), np.int64),
               "labels": np.array([[-100, -100, 7, 8]], np.int64)}  # 2 label positions, 8 loss chunks
@@ -53,7 +55,7 @@ def _portable(bundle: Path, manifest: Manifest, batch: dict, adapter: dict) -> t
 def _ort_eval_loss(bundle, manifest, batch, adapter) -> float:
     from edgetune.runtime.backend import open_backend
 
-    backend = open_backend("ort-training", bundle, manifest, with_eval=True, training=False)
+    backend = open_backend("ort-training", Bundle.open(bundle), with_eval=True, training=False)
     backend.set_trainable(adapter)
     return backend.eval_loss(batch)
 
@@ -152,7 +154,7 @@ def test_node_without_a_rule_leaves_a_bundle_without_portable_graph(tiny_model_d
     assert p["supported"] is False and p["file"] is None and p["gradients"] == {}
     assert {u["op_type"] for u in p["unsupported"]} == {"SliceGrad"} and all(u["node"] for u in p["unsupported"])
     assert not list(bundle.glob("portable*"))
-    backend = open_backend("ort-training", bundle, manifest)  # the ORT artifacts still train
+    backend = open_backend("ort-training", Bundle.open(bundle))  # the ORT artifacts still train
     assert np.isfinite(backend.train_step(_batch(manifest)))
     assert "not portable" in backends_text(p) and "SliceGrad" in backends_text(p)
 
@@ -184,8 +186,8 @@ def test_manifest_without_portable_record_still_loads(tiny_bundle, tmp_path):
     data.pop("portable")
     manifest = Manifest.from_dict(data)
     assert manifest.portable is None
-    assert "backends    ort-training (no portable graph" in bundle_summary(tiny_bundle, manifest)
-    assert "backends    ort-training, portable" in bundle_summary(tiny_bundle, read_manifest(tiny_bundle))
+    assert "backends    ort-training (no portable graph" in bundle_summary(Bundle(tiny_bundle, manifest, verified=False))
+    assert "backends    ort-training, portable" in bundle_summary(Bundle.open(tiny_bundle))
 
 
 @pytest.mark.slow
