@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +87,8 @@ def test_portable_graphs_hold_only_stock_operators_and_the_contract(export_tiny,
         assert [(n.domain, n.op_type) for n in model.graph.node if not is_stock(n.domain, n.op_type)] == []
         assert {o.domain for o in model.opset_import} <= {"", "com.microsoft"}
         assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "labels", *trainable]
-        assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.INT64] * 3 + [onnx.TensorProto.FLOAT] * len(trainable)
+        types = [i.type.tensor_type.elem_type for i in model.graph.input]
+        assert types == [onnx.TensorProto.INT64] * 3 + [onnx.TensorProto.FLOAT] * len(trainable)
         assert [o.name for o in model.graph.output] == outputs
         external = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
         assert external == {"portable_weights.bin"}  # one shared file, a plain name inside the bundle
@@ -174,7 +174,8 @@ def test_unknown_operator_is_reported_with_its_node(tiny_bundle, tmp_path):
     lines = []
     record = export_portable(folder, [t.graph_name for t in read_manifest(tiny_bundle).trainable], lines.append)
     assert record["supported"] is False
-    assert {"op_type": "Mystery", "node": "the_mystery", "graph": "portable_model.onnx"}.items() <= record["unsupported"][0].items()
+    expected = {"op_type": "Mystery", "node": "the_mystery", "graph": "portable_model.onnx"}
+    assert expected.items() <= record["unsupported"][0].items()
     assert any("Mystery" in line and "the_mystery" in line for line in lines)
     assert not list(folder.glob("portable*"))
 

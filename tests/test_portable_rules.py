@@ -14,7 +14,7 @@ import copy
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from edgetune.export.portable.rewrite import make_stock
 from edgetune.export.portable.rules import RULES
@@ -94,6 +94,16 @@ def _sce_case(n, c, ignored=(), extra=(), weight=False):
     return inputs
 
 
+def _gather_case(shape, indices):
+    """GatherGrad inputs for Gather(X (shape), indices, axis=0): dY is (*indices.shape, *shape[1:])."""
+    indices = np.asarray(indices, np.int64)
+    return {"shape": np.array(shape, np.int64), "indices": indices, "dy": _f(*indices.shape, *shape[1:])}, None
+
+
+def _softmax_case(shape, axis):
+    return {"dy": _f(*shape), "y": np.exp(_log_softmax(_f(*shape), axis))}
+
+
 def _norm_case(shape, axis):
     x = _f(*shape, scale=2.0)
     axes = tuple(range(axis % len(shape), len(shape)))
@@ -101,7 +111,9 @@ def _norm_case(shape, axis):
     return {"dy": _f(*shape), "x": x, "scale": _f(*shape[axis % len(shape):]), "inv_std": inv_std}
 
 
-ALL = list(range(6))
+SCE, GRAD = "SoftmaxCrossEntropyLoss", "SoftmaxCrossEntropyLossGrad"
+MEAN, SUM, NONE = ({"reduction": r, "ignore_index": -100} for r in ("mean", "sum", "none"))
+RMS = "SimplifiedLayerNormalizationGrad"
 CASES = {
     # ConcatTraining: lengths output; an empty input; negative axis
     "concat-lengths": ("ConcatTraining", {"a": _f(2, 3), "b": _f(2, 0), "c": _f(2, 5)}, None, ["y", "lengths"], {"axis": 1}),
@@ -117,38 +129,38 @@ CASES = {
     "slice-empty": ("SliceGrad", *_slice_case((3, 5), [4], [2], axes=[1]), ["dx"], {}),
     "slice-causal-shift": ("SliceGrad", *_slice_case((2, 7, 8), [0], [-1], axes=[1]), ["dx"], {}),
     # GatherGrad: repeated indices add up; 2-D indices; negative indices; no indices
-    "gather-repeated": ("GatherGrad", {"shape": np.array([6, 3]), "indices": np.array([4, 1, 4, 0, 4]), "dy": _f(5, 3)}, None, ["dx"], {"axis": 0}),
-    "gather-2d": ("GatherGrad", {"shape": np.array([5, 2, 3]), "indices": np.array([[0, 4], [4, 2]]), "dy": _f(2, 2, 2, 3)}, None, ["dx"], {}),
-    "gather-negative": ("GatherGrad", {"shape": np.array([4, 2]), "indices": np.array([-1, 1, -4]), "dy": _f(3, 2)}, None, ["dx"], {"axis": 0}),
-    "gather-none": ("GatherGrad", {"shape": np.array([4, 2]), "indices": np.zeros(0, np.int64), "dy": _f(0, 2)}, None, ["dx"], {"axis": 0}),
+    "gather-repeated": ("GatherGrad", *_gather_case([6, 3], [4, 1, 4, 0, 4]), ["dx"], {"axis": 0}),
+    "gather-2d": ("GatherGrad", *_gather_case([5, 2, 3], [[0, 4], [4, 2]]), ["dx"], {}),
+    "gather-negative": ("GatherGrad", *_gather_case([4, 2], [-1, 1, -4]), ["dx"], {"axis": 0}),
+    "gather-none": ("GatherGrad", *_gather_case([4, 2], np.zeros(0, np.int64)), ["dx"], {"axis": 0}),
     # SoftmaxGrad_13: last axis (also the default), a middle axis
-    "softmax-last": ("SoftmaxGrad_13", {"dy": _f(2, 3, 5), "y": np.exp(_log_softmax(_f(2, 3, 5), -1))}, None, ["dx"], {"axis": -1}),
-    "softmax-default": ("SoftmaxGrad_13", {"dy": _f(4, 5), "y": np.exp(_log_softmax(_f(4, 5), -1))}, None, ["dx"], {}),
-    "softmax-axis1": ("SoftmaxGrad_13", {"dy": _f(2, 3, 5), "y": np.exp(_log_softmax(_f(2, 3, 5), 1))}, None, ["dx"], {"axis": 1}),
+    "softmax-last": ("SoftmaxGrad_13", _softmax_case((2, 3, 5), -1), None, ["dx"], {"axis": -1}),
+    "softmax-default": ("SoftmaxGrad_13", _softmax_case((4, 5), -1), None, ["dx"], {}),
+    "softmax-axis1": ("SoftmaxGrad_13", _softmax_case((2, 3, 5), 1), None, ["dx"], {"axis": 1}),
     # QuickGeluGrad: SiLU (alpha 1) and the default alpha, over a wide range of x
     "quickgelu-silu": ("QuickGeluGrad", {"dy": _f(3, 8), "x": _f(3, 8, scale=6.0)}, None, ["dx"], {"alpha": 1.0}),
     "quickgelu-default": ("QuickGeluGrad", {"dy": _f(3, 8), "x": _f(3, 8, scale=6.0)}, None, ["dx"], {}),
     # SimplifiedLayerNormalizationGrad: last axis; two normalized axes (the schema requires both outputs)
-    "rmsnorm-last": ("SimplifiedLayerNormalizationGrad", _norm_case((2, 3, 16), -1), None, ["dx", "dscale"], {"axis": -1, "epsilon": 1e-6}),
-    "rmsnorm-two-axes": ("SimplifiedLayerNormalizationGrad", _norm_case((2, 3, 8), 1), None, ["dx", "dscale"], {"axis": 1}),
+    "rmsnorm-last": (RMS, _norm_case((2, 3, 16), -1), None, ["dx", "dscale"], {"axis": -1, "epsilon": 1e-6}),
+    "rmsnorm-two-axes": (RMS, _norm_case((2, 3, 8), 1), None, ["dx", "dscale"], {"axis": 1}),
     # SoftmaxCrossEntropyLossGrad: each reduction, ignored labels, all ignored, weights, (N, C, d) input
-    "sce-grad-mean-ignored": ("SoftmaxCrossEntropyLossGrad", _sce_grad_case(6, 7, "mean", ignored=[0, 3]), None, ["dx"], {"reduction": "mean", "ignore_index": -100}),
-    "sce-grad-sum-ignored": ("SoftmaxCrossEntropyLossGrad", _sce_grad_case(6, 7, "sum", ignored=[5]), None, ["dx"], {"reduction": "sum", "ignore_index": -100}),
-    "sce-grad-none": ("SoftmaxCrossEntropyLossGrad", _sce_grad_case(6, 7, "none", ignored=[1]), None, ["dx"], {"reduction": "none", "ignore_index": -100}),
-    "sce-grad-all-ignored": ("SoftmaxCrossEntropyLossGrad", _sce_grad_case(3, 7, "mean", ignored=[0, 1, 2]), None, ["dx"], {"reduction": "mean", "ignore_index": -100}),
-    "sce-grad-sum-all-ignored": ("SoftmaxCrossEntropyLossGrad", _sce_grad_case(3, 7, "sum", ignored=[0, 1, 2]), None, ["dx"], {"reduction": "sum", "ignore_index": -100}),
-    "sce-grad-weighted-mean": ("SoftmaxCrossEntropyLossGrad", _sce_grad_case(6, 7, "mean", ignored=[2], weight=True), None, ["dx"], {"reduction": "mean", "ignore_index": -100}),
-    "sce-grad-weighted-none": ("SoftmaxCrossEntropyLossGrad", _sce_grad_case(6, 7, "none", weight=True), None, ["dx"], {"reduction": "none", "ignore_index": -100}),
-    "sce-grad-nd": ("SoftmaxCrossEntropyLossGrad", _sce_grad_case(2, 5, "mean", ignored=[1, 4], extra=(3,)), None, ["dx"], {"reduction": "mean", "ignore_index": -100}),
-    "sce-grad-default-ignore": ("SoftmaxCrossEntropyLossGrad", {**_sce_grad_case(4, 5, "mean"), "label": np.array([-1, 2, 0, 4])}, None, ["dx"], {}),
+    "sce-grad-mean-ignored": (GRAD, _sce_grad_case(6, 7, "mean", ignored=[0, 3]), None, ["dx"], MEAN),
+    "sce-grad-sum-ignored": (GRAD, _sce_grad_case(6, 7, "sum", ignored=[5]), None, ["dx"], SUM),
+    "sce-grad-none": (GRAD, _sce_grad_case(6, 7, "none", ignored=[1]), None, ["dx"], NONE),
+    "sce-grad-all-ignored": (GRAD, _sce_grad_case(3, 7, "mean", ignored=[0, 1, 2]), None, ["dx"], MEAN),
+    "sce-grad-sum-all-ignored": (GRAD, _sce_grad_case(3, 7, "sum", ignored=[0, 1, 2]), None, ["dx"], SUM),
+    "sce-grad-weighted-mean": (GRAD, _sce_grad_case(6, 7, "mean", ignored=[2], weight=True), None, ["dx"], MEAN),
+    "sce-grad-weighted-none": (GRAD, _sce_grad_case(6, 7, "none", weight=True), None, ["dx"], NONE),
+    "sce-grad-nd": (GRAD, _sce_grad_case(2, 5, "mean", ignored=[1, 4], extra=(3,)), None, ["dx"], MEAN),
+    "sce-grad-default-ignore": (GRAD, {**_sce_grad_case(4, 5, "mean"), "label": np.array([-1, 2, 0, 4])}, None, ["dx"], {}),
     # SoftmaxCrossEntropyLoss (forward): the same cases, with and without the log_prob output
-    "sce-mean-ignored": ("SoftmaxCrossEntropyLoss", _sce_case(6, 7, ignored=[0, 3]), None, ["loss", "log_prob"], {"reduction": "mean", "ignore_index": -100}),
-    "sce-sum-loss-only": ("SoftmaxCrossEntropyLoss", _sce_case(6, 7, ignored=[5]), None, ["loss"], {"reduction": "sum", "ignore_index": -100}),
-    "sce-none": ("SoftmaxCrossEntropyLoss", _sce_case(6, 7, ignored=[1]), None, ["loss", "log_prob"], {"reduction": "none", "ignore_index": -100}),
-    "sce-all-ignored": ("SoftmaxCrossEntropyLoss", _sce_case(3, 7, ignored=[0, 1, 2]), None, ["loss", "log_prob"], {"reduction": "mean", "ignore_index": -100}),
-    "sce-weighted-mean": ("SoftmaxCrossEntropyLoss", _sce_case(6, 7, ignored=[2], weight=True), None, ["loss"], {"reduction": "mean", "ignore_index": -100}),
-    "sce-nd": ("SoftmaxCrossEntropyLoss", _sce_case(2, 5, ignored=[1, 4], extra=(3,)), None, ["loss", "log_prob"], {"reduction": "mean", "ignore_index": -100}),
-    "sce-default-ignore": ("SoftmaxCrossEntropyLoss", {**_sce_case(4, 5), "label": np.array([-1, 2, 0, 4])}, None, ["loss"], {}),
+    "sce-mean-ignored": (SCE, _sce_case(6, 7, ignored=[0, 3]), None, ["loss", "log_prob"], MEAN),
+    "sce-sum-loss-only": (SCE, _sce_case(6, 7, ignored=[5]), None, ["loss"], SUM),
+    "sce-none": (SCE, _sce_case(6, 7, ignored=[1]), None, ["loss", "log_prob"], NONE),
+    "sce-all-ignored": (SCE, _sce_case(3, 7, ignored=[0, 1, 2]), None, ["loss", "log_prob"], MEAN),
+    "sce-weighted-mean": (SCE, _sce_case(6, 7, ignored=[2], weight=True), None, ["loss"], MEAN),
+    "sce-nd": (SCE, _sce_case(2, 5, ignored=[1, 4], extra=(3,)), None, ["loss", "log_prob"], MEAN),
+    "sce-default-ignore": (SCE, {**_sce_case(4, 5), "label": np.array([-1, 2, 0, 4])}, None, ["loss"], {}),
 }
 
 
@@ -170,7 +182,8 @@ def test_rule_matches_the_training_operator(case):
     for name, g, x in zip([o for o in outputs if o], got, expected):
         assert g.shape == x.shape and g.dtype == x.dtype, name
         assert np.all(np.isfinite(g)), name
-        np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(x).max(initial=0))), err_msg=f"{case}: {name}")
+        scale = max(1.0, float(np.abs(x).max(initial=0)))
+        np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-6 * scale, err_msg=f"{case}: {name}")
 
 
 def test_every_rule_has_cases():

@@ -26,19 +26,15 @@ def gradient_graph(model: onnx.ModelProto, batch_inputs: list[str], trainable: l
                    frozen: Mapping[str, np.ndarray], loss: str = "loss") -> dict[str, str]:
     """Turn a training model into the gradient graph in place; returns {graph_name: output name}."""
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    gradients, drop = {}, set()
-    for name in trainable:
-        grad = f"{name}_grad"
-        accumulators = [n for n in graph.node if n.op_type == ACCUMULATOR and n.input[1] == grad]
-        if len(accumulators) != 1 or grad not in producer:  # the exporter's own graphs always have one
-            raise RuntimeError(f"training graph has no single gradient accumulator for {name!r}")
-        drop.add(id(accumulators[0]))
-        gradients[name] = grad
-    leftover = [n.name for n in graph.node if n.op_type == ACCUMULATOR and id(n) not in drop]
-    if leftover:
-        raise RuntimeError(f"gradient accumulators for tensors the manifest does not list: {leftover[:3]}")
-    nodes = [n for n in graph.node if id(n) not in drop]
+    producer = {o for n in graph.node for o in n.output}
+    accumulated = {n.input[1] for n in graph.node if n.op_type == ACCUMULATOR}  # the gradients they add up
+    gradients = {name: f"{name}_grad" for name in trainable}
+    missing = [n for n, g in gradients.items() if g not in accumulated or g not in producer]
+    extra = accumulated - set(gradients.values())
+    if missing or extra:  # the exporter's own graphs have exactly one per trainable tensor
+        raise RuntimeError(f"training graph gradients do not match the manifest: missing {missing[:3]}, "
+                           f"extra {sorted(extra)[:3]}")
+    nodes = [n for n in graph.node if n.op_type != ACCUMULATOR]
     del graph.node[:]
     graph.node.extend(nodes)
     shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
