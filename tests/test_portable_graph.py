@@ -102,10 +102,14 @@ def test_portable_graphs_hold_only_stock_operators_and_the_contract(export_tiny,
                        for t in model.graph.initializer)
 
 
-STOCK_PYTHON = os.environ.get("EDGETUNE_STOCK_PYTHON")  # a Python whose onnxruntime is the stock build
+# A Python whose onnxruntime is the stock package: EDGETUNE_STOCK_PYTHON / EDGETUNE_PY312, else the
+# Python 3.12 base-install environment `make venv312` builds.
+STOCK_PYTHON = next((p for p in (os.environ.get("EDGETUNE_STOCK_PYTHON"), os.environ.get("EDGETUNE_PY312"),
+                                 str(Path(__file__).resolve().parents[1] / ".venv312" / "bin" / "python"))
+                     if p and Path(p).is_file()), None)
 
 
-@pytest.mark.skipif(not STOCK_PYTHON, reason="set EDGETUNE_STOCK_PYTHON to a Python with the stock onnxruntime package")
+@pytest.mark.skipif(not STOCK_PYTHON, reason="no Python with the stock onnxruntime: run `make venv312` or set EDGETUNE_STOCK_PYTHON")
 def test_stock_onnxruntime_runs_the_portable_graph(tiny_bundle_int8, tmp_path):
     """In another interpreter with the stock package (no training build): same loss and gradients."""
     manifest = read_manifest(tiny_bundle_int8)
