@@ -12,7 +12,7 @@ import sys
 import click
 
 from edgetune import __version__
-from edgetune.commands import collect_cmds, delta_cmds, export_cmds, runtime_cmds
+from edgetune.commands import collect_cmds, delta_cmds, export_cmds, runtime_cmds, sync_cmd
 from edgetune.errors import EdgetuneError
 
 
@@ -29,11 +29,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
                   edgetune eval bundle --data held.jsonl
                   edgetune generate bundle --prompt "..."
                   edgetune delta bundle --out update.etd
+                  edgetune sync bundle --server URL --token T --data notes.jsonl
     """
     ctx.obj = {"debug": debug}
 
 
-for module in (export_cmds, runtime_cmds, delta_cmds, collect_cmds):
+for module in (export_cmds, runtime_cmds, delta_cmds, sync_cmd, collect_cmds):
     for command in module.COMMANDS:
         cli.add_command(command)
 
