@@ -118,3 +118,20 @@ def test_strategy_refuses_bad_replies_with_the_collectors_checks(tiny_bundle):
     assert metrics["admitted"] == 2 and metrics["refused"] == 4
     for k in start:
         np.testing.assert_allclose(record.result[k], (3 * good[0][k] + good[1][k]) / 4, rtol=1e-6)
+
+
+def test_pyproject_run_config_matches_the_apps_defaults():
+    """`flwr run .` reads [tool.flwr.app.config]: same keys and types as the apps' defaults, valid components."""
+    import tomllib
+
+    from flwr.common.config import validate_config
+
+    from edgetune.federated.flower.config import DEFAULTS, merged
+
+    project = Path(__file__).resolve().parents[1]
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(pyproject, check_module=True, project_dir=str(project))
+    assert ok, errors
+    run_config = pyproject["tool"]["flwr"]["app"]["config"]
+    assert set(run_config) == set(DEFAULTS)
+    assert merged(run_config) == {**DEFAULTS, **run_config}
