@@ -221,3 +221,58 @@ def test_cli_errors_are_one_line(bundle, data):
         p = _cli("sync", bundle, "--server", server.url, "--token", "t", "--data", data, "--steps", 1)
         out, err = p.communicate(timeout=120)
     assert p.returncode == 2 and err.strip().count("\n") == 0 and err.startswith("error: --server")
+
+
+def test_three_devices_two_rounds_through_the_real_collector(bundle, data, tmp_path):
+    """`edgetune sync` on 3 devices against `edgetune collect serve` (uvicorn on 127.0.0.1): each round
+    admits one update per device, the round advances, and round 2 trains from round 1's aggregate."""
+    pytest.importorskip("uvicorn")
+    from tests.collector_helpers import Server, get_global, make_store
+
+    devices = ["dev-0", "dev-1", "dev-2"]
+    tokens = make_store(bundle, tmp_path / "fleet", devices)
+    folders = {}
+    for d in devices:  # every device has its own copy of the bundle and its own state
+        folders[d] = tmp_path / d
+        shutil.copytree(bundle, folders[d])
+    manifest = read_manifest(bundle)
+    with Server(tmp_path / "fleet", "--min-updates", "3") as server:
+        for n in (0, 1):
+            glob = get_global(server.url, n)
+            for i, d in enumerate(devices):
+                p = _cli("sync", folders[d], "--server", server.url, "--token", tokens[d], "--device", d,
+                         "--data", data, "--steps", 1, "--batch-size", 2, "--seed", i, "--quiet",
+                         *(["--kind", "full"] if i == 0 else []))
+                out, err = p.communicate(timeout=240)
+                assert p.returncode == 0 and f"round {n}: pushed" in out, err[-2000:]
+                journal = JournalFile(folders[d] / "train-state").load()
+                assert journal.round == n and journal.phase == "pushed" and journal.global_sha256 == glob.sha256
+                assert (folders[d] / "train-state" / "sync" / f"global-{n:06d}.etd").read_bytes() == \
+                    server_global_bytes(server.url, n)
+            status = _wait_round(server.url, n + 1)
+            assert status["rounds"][n]["accepted"] == 3 and status["refused_total"] == 0
+        p = _cli("sync", folders["dev-0"], "--server", server.url, "--token", tokens["dev-0"], "--device", "dev-0",
+                 "--data", data, "--steps", 1, "--quiet")
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0 and "round 2: pushed" in out, err
+    assert manifest.trainable  # the bundle was read, nothing else changed
+
+
+def server_global_bytes(url: str, n: int) -> bytes:
+    import httpx
+
+    return httpx.get(f"{url}/v1/rounds/{n}/global", timeout=30).content
+
+
+def _wait_round(url: str, n: int, timeout: float = 60.0) -> dict:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = httpx.get(url + "/v1/status", timeout=10).json()
+        if status["current_round"] >= n:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"round {n} did not open within {timeout} s: {status}")
