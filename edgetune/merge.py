@@ -42,6 +42,9 @@ def merge_adapter(bundle_dir: Path | str, manifest: Manifest, adapter: dict[str,
     spec = get_method("lora")
     config = spec.config(manifest)
     check_adapter(manifest, adapter)
+    from edgetune.fixed_adapter import read_fixed
+
+    adapter = {**read_fixed(bundle_dir, manifest), **adapter}  # + adapter tensors never trained (FFA-LoRA's A)
     path = Path(bundle_dir) / info.file
     if not path.is_file():
         raise BundleError(f"bundle {str(bundle_dir)!r} is missing its generation graph {info.file}; copy or re-export it.")

@@ -66,8 +66,12 @@ def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.n
         raise
 
 
-def read_peft_adapter(folder: Path, manifest: Manifest) -> dict[str, np.ndarray]:
-    """Read a PEFT LoRA folder for ``manifest``'s bundle; every mismatch is reported at once."""
+def read_peft_adapter(folder: Path, manifest: Manifest, fixed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Read a PEFT LoRA folder for ``manifest``'s bundle; every mismatch is reported at once.
+
+    ``fixed`` (PEFT key -> array): adapter tensors the bundle never trains (``--freeze-a``); the
+    folder must hold them with exactly these values (training B against another A is meaningless).
+    """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -85,6 +89,12 @@ def read_peft_adapter(folder: Path, manifest: Manifest) -> dict[str, np.ndarray]
     except (SafetensorError, OSError) as exc:
         raise DeltaError(f"{folder / WEIGHTS}: cannot read ({exc}).") from None
     tensors = {_strip_adapter_name(k): v for k, v in raw.items()}
+    for key, value in (fixed or {}).items():
+        theirs = tensors.pop(key, None)
+        if theirs is None or theirs.shape != value.shape or not np.array_equal(theirs.astype(np.float32), value):
+            what = "missing" if theirs is None else "not the bundle's fixed value"
+            problems.append(f"{key} is {what} (this bundle freezes LoRA A at its seeded init; only adapters "
+                            "trained from it fit)")
     expected = manifest.trainable_shapes()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -22,7 +22,7 @@ def _export(source: Path, out: Path, **kwargs) -> Path:
     from edgetune.export.exporter import ExportOptions, export_bundle
     from edgetune.methods import LoraConfig
 
-    lora = LoraConfig(**{k: kwargs.pop(k) for k in ("rank", "alpha", "targets", "use_rslora") if k in kwargs})
+    lora = LoraConfig(**{k: kwargs.pop(k) for k in ("rank", "alpha", "targets", "use_rslora", "freeze_a") if k in kwargs})
     export_bundle(ExportOptions(source=str(source), out=out, method_config=lora, **kwargs))
     return out
 

@@ -101,8 +101,12 @@ def to_peft(delta_path, bundle, out, since, trusted, force):
     from edgetune.bundle import read_manifest
     from edgetune.peft_io import write_peft_adapter
 
+    from edgetune.fixed_adapter import read_fixed_peft
+
     manifest = read_manifest(bundle)
-    write_peft_adapter(out, manifest, _resolve(delta_path, manifest, since, trusted).by_peft, force=force)
+    tensors = {**read_fixed_peft(bundle, manifest),  # FFA-LoRA: lora_A comes from the bundle
+               **_resolve(delta_path, manifest, since, trusted).by_peft}
+    write_peft_adapter(out, manifest, tensors, force=force)
     click.echo(f"wrote {out}: load with peft.PeftModel.from_pretrained(base_model, {str(out)!r})")
 
 
@@ -120,7 +124,10 @@ def from_peft(folder, bundle, state_dir, force):
 
     opened = Bundle.open(bundle)
     manifest = opened.manifest
-    tensors = AdapterTarget.of(manifest).by_graph(read_peft_adapter(folder, manifest))
+    from edgetune.fixed_adapter import read_fixed_peft
+
+    fixed = read_fixed_peft(opened.folder, manifest)
+    tensors = AdapterTarget.of(manifest).by_graph(read_peft_adapter(folder, manifest, fixed=fixed))
     ckpt = import_adapter(opened, tensors, f"imported from PEFT {folder}", state_dir=state_dir, force=force)
     click.echo(f"imported {len(tensors)} tensors from {folder} into {ckpt}; `edgetune train {bundle} ...` starts from it")
 

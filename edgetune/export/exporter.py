@@ -81,10 +81,11 @@ def export_bundle(opts: ExportOptions, report: Callable[[str], None] = lambda ms
     report(f"loading {source.model_id} ({source.kind})")
     model, tokenizer = load_model(source)
     trainables = method.inject(model, opts.method_config)
+    fixed = method.fixed(model, opts.method_config) if hasattr(method, "fixed") else []  # e.g. FFA-LoRA's A
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.", suffix=".partial", dir=opts.out.parent))
     try:
-        manifest = _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp, report)
+        manifest = _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, tmp, report)
         replace_dir(tmp, opts.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,7 +94,7 @@ def export_bundle(opts: ExportOptions, report: Callable[[str], None] = lambda ms
     return manifest
 
 
-def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Path, report) -> Manifest:
+def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, tmp: Path, report) -> Manifest:
     import onnx
 
     from edgetune.export import artifacts
@@ -113,6 +114,7 @@ def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Pa
     full.unlink()
     remove_zero_dropout(graph)
     trainable_names = [graph_name(t.torch_name) for t in trainables]
+    fixed_keys = {graph_name(t.torch_name): t.peft_key for t in fixed}  # frozen adapter tensors: exact fp32
     params = {t.name: t for t in graph.graph.initializer}
     missing = [n for n in trainable_names if n not in params]
     if missing:  # a declared tensor the exporter did not keep by name: a bug, not a user error
@@ -120,7 +122,8 @@ def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Pa
     quantized = set()
     if opts.quantize == "int8":
         report("quantizing frozen weights to int8 (per output channel)")
-        names = [n for n, t in params.items() if n not in trainable_names and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
+        names = [n for n, t in params.items() if n not in trainable_names and n not in fixed_keys
+                 and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
         quantized = {q.name for q in quantize_graph(graph, names)}
     if opts.memory_rewrites:  # the loss is chunked in the forward graph, before gradients exist
         chunk_loss(graph, OUTPUT_NAMES[0], opts.loss_chunks)
@@ -135,7 +138,9 @@ def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Pa
 
     portable = export_portable(tmp, trainable_names, report)
     report("exporting the generation graph (key/value cache, adapter as inputs)")
-    generation = export_generation_graph(model, trainables, tmp / "generation_model.onnx", quantize=opts.quantize == "int8")
+    # Fixed adapter tensors are generation inputs like the trained ones (fed from the bundle on the device).
+    generation = export_generation_graph(model, trainables + fixed, tmp / "generation_model.onnx",
+                                         quantize=opts.quantize == "int8")
     tokenizer_info = save_tokenizer(tokenizer, model, tmp)
 
     shape = {t.name: list(t.dims) for t in graph.graph.initializer}
@@ -143,6 +148,14 @@ def _build(opts, method, model, tokenizer, trainables, source, base_sha, tmp: Pa
     # The frozen list names the ORIGINAL fp32 tensors (as the model knows them) and how each is stored.
     frozen = [TensorInfo(n, list(params[n].dims), "float32", quantization=INT8_SCHEME if n in quantized else "none")
               for n in params if n not in trainable_names]
+    if fixed:  # a frozen tensor with a PEFT key is a fixed adapter tensor; its exact values go beside it
+        from onnx import numpy_helper
+
+        from edgetune.fixed_adapter import write_fixed
+
+        for t in frozen:
+            t.peft_key = fixed_keys.get(t.graph_name)
+        write_fixed(tmp, {n: numpy_helper.to_array(params[n]) for n in fixed_keys})
     config = model.config
     manifest = Manifest(
         base_model={

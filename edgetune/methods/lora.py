@@ -39,6 +39,9 @@ class LoraConfig(MethodConfig):
                                                       "cli": "--rslora"})
     seed: int = field(default=0, metadata={"help": "Seed for the initial LoRA A matrices (Kaiming-uniform, as PEFT).",
                                            "cli": "--seed"})
+    freeze_a: bool = field(default=False, metadata={
+        "help": "FFA-LoRA: keep every LoRA A at its seeded init (stored in the bundle) and train only B; deltas carry "
+                "B alone (half the upload) and federated averaging of B is exact.", "cli": "--freeze-a"})
 
     name = "lora"
 
@@ -62,7 +65,15 @@ class LoraConfig(MethodConfig):
             problems.append(f"`use_rslora` must be true or false, got {self.use_rslora!r}")
         if not _is_int(self.seed):
             problems.append(f"`seed` must be an integer, got {self.seed!r}")
+        if not isinstance(self.freeze_a, bool):
+            problems.append(f"`freeze_a` must be true or false, got {self.freeze_a!r}")
         return problems
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if not self.freeze_a:  # absent = False: plain-LoRA manifests and deltas stay as they were
+            del d["freeze_a"]
+        return d
 
     @property
     def scaling(self) -> float:

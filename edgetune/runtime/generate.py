@@ -31,6 +31,9 @@ class Generator:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.info = info
         self.manifest = manifest
+        from edgetune.fixed_adapter import read_fixed
+
+        self.fixed = read_fixed(bundle.folder, manifest)  # adapter inputs never trained (FFA-LoRA's A); {} usually
         names = {i.name for i in self.session.get_inputs()}
         absent = [n for n in (*info.past_inputs, *info.adapter_inputs) if n not in names]
         if absent:
@@ -80,6 +83,7 @@ class Generator:
     def _adapter_feeds(self, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """generation-input name -> contiguous float32, after checking every tensor's presence and shape."""
         check_adapter(self.manifest, adapter)
+        adapter = {**self.fixed, **adapter}
         return {name: np.ascontiguousarray(adapter[g], dtype=np.float32) for name, g in self.info.adapter_inputs.items()}
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:

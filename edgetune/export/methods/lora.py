@@ -92,7 +92,20 @@ class _Lora:
             setattr(parent, child, LoraLinear.from_base(linear, config, generator))
             for attr in LoraLinear.adapter_tensor_names:
                 declared.append(Trainable(path, attr, SPEC.peft_key(path, attr)))
+        if config.freeze_a:  # FFA-LoRA: A is a constant of the graphs (see ``fixed``), B alone trains
+            for t in declared:
+                if t.attr == "lora_A":
+                    model.get_submodule(t.module_path).lora_A.requires_grad_(False)
+            declared = [t for t in declared if t.attr != "lora_A"]
         return declared
+
+    def fixed(self, model: nn.Module, config: LoraConfig) -> list[Trainable]:
+        """Adapter tensors that are part of the adapter but never trained: every lora_A under
+        ``freeze_a`` (call after ``inject``). The exporter keeps them exact (``edgetune.fixed_adapter``)."""
+        if not config.freeze_a:
+            return []
+        return [Trainable(path, "lora_A", SPEC.peft_key(path, "lora_A"))
+                for path, m in model.named_modules() if isinstance(m, LoraLinear)]
 
     def peft_config(self, config: LoraConfig, base_model: str) -> dict:
         return SPEC.peft_config(config, base_model)
