@@ -61,7 +61,7 @@ def split_by_city(clients: int, folder: Path) -> list[Path]:
 
 
 def run_way(bundle: Path, space: str, shares: list[Path], args) -> dict:
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.delta import encode_delta
     from edgetune.federated.aggregate import AggregationOptions, ClientUpdate, aggregate
     from edgetune.federated.flower.client_app import train_on_node
@@ -69,8 +69,9 @@ def run_way(bundle: Path, space: str, shares: list[Path], args) -> dict:
     from edgetune.runtime.adapter_source import initial_adapter
     from edgetune.runtime.evaluate import evaluate
 
-    manifest = read_manifest(bundle)
-    start = initial_adapter(bundle, manifest)
+    bundle = Bundle.open(bundle)
+    manifest = bundle.manifest
+    start = initial_adapter(bundle)
     glob = {t.peft_key: start[t.graph_name] for t in manifest.trainable}
     options = AggregationOptions(space=space, rank=manifest.method["config"]["rank"])
     method = {"name": manifest.method["name"], "config": manifest.method["config"]}
@@ -86,7 +87,7 @@ def run_way(bundle: Path, space: str, shares: list[Path], args) -> dict:
     for k in range(args.rounds):
         updates = []
         for i, share in enumerate(shares):
-            config = merged({"bundle": str(bundle), "data": str(share), "local-steps": args.local_steps, "lr": args.lr,
+            config = merged({"bundle": str(bundle.folder), "data": str(share), "local-steps": args.local_steps, "lr": args.lr,
                              "batch-size": 4, "max-seq-len": 128, "threads": args.threads, "seed": i})
             adapter, examples, _ = train_on_node(glob, config, round_number=k)
             updates.append(ClientUpdate(adapter, glob, float(examples)))

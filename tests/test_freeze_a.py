@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgetune.bundle import read_manifest
+from edgetune.bundle import Bundle, read_manifest
 from tests.reference import peft_model
 
 RTOL = 1e-4
@@ -49,10 +49,18 @@ def test_only_b_is_trainable_and_a_is_the_seeded_init(ffa, tiny_bundle):
     fixed = read_fixed(ffa, m)
     assert sorted(fixed) == sorted(t.graph_name for t in plain.trainable if t.graph_name.endswith(".lora_A"))
     # the same seed gives the same A as a plain export's initial A, kept bit for bit
-    start = initial_adapter(tiny_bundle, plain)
+    start = initial_adapter(Bundle.open(tiny_bundle))
     for name, value in fixed.items():
         np.testing.assert_array_equal(value, start[name])
     assert "fixed_adapter.safetensors" in m.files  # hashed like every artifact
+    # the collector's PEFT export reads the same values from the ORT checkpoint (frozen parameters)
+    from edgetune.federated.bundle_io import fixed_peft_tensors
+    from edgetune.fixed_adapter import read_fixed_peft
+
+    from_checkpoint, from_file = fixed_peft_tensors(Bundle.open(ffa)), read_fixed_peft(ffa, m)
+    assert sorted(from_checkpoint) == sorted(from_file)
+    for key, value in from_file.items():
+        np.testing.assert_array_equal(from_checkpoint[key], value)
 
 
 def test_int8_export_keeps_a_exact(export_tiny):
@@ -72,8 +80,8 @@ def test_one_adamw_step_matches_peft_with_a_frozen(ffa, tiny_model_dir):
     m = read_manifest(ffa)
     batch, lr = _batch(m), 1e-3
     rng = np.random.default_rng(1)
-    start = {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in initial_adapter(ffa, m).items()}
-    backend = open_backend("ort-training", ffa, m)
+    start = {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in initial_adapter(Bundle.open(ffa)).items()}
+    backend = open_backend("ort-training", Bundle.open(ffa))
     backend.set_trainable(start)
     loss = backend.train_step(batch)
     backend.optimizer_step(lr)
@@ -134,7 +142,7 @@ def test_delta_carries_b_only_and_the_peft_round_trip_has_a(ffa, tiny_bundle, ti
     model.eval()
     with torch.no_grad():
         ref = float(model(**{k: torch.tensor(v) for k, v in batch.items()}).loss)
-    backend = open_backend("ort-training", bundle, m, with_eval=True, training=False)
+    backend = open_backend("ort-training", Bundle.open(bundle), with_eval=True, training=False)
     backend.set_trainable({t.graph_name: delta.tensors[t.peft_key] for t in m.trainable})
     assert abs(backend.eval_loss(batch) - ref) <= RTOL * abs(ref)
 
@@ -159,12 +167,12 @@ def test_generate_and_merge_use_the_fixed_a(ffa, tmp_path):
     from edgetune.runtime.generate import Generator
 
     m = read_manifest(ffa)
-    gen = Generator(ffa, m)
+    gen = Generator(Bundle.open(ffa))
     batch = _batch(m)
     rng = np.random.default_rng(2)
-    trained = {k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in initial_adapter(ffa, m).items()}
+    trained = {k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in initial_adapter(Bundle.open(ffa)).items()}
     with_b = gen.logits(batch["input_ids"], batch["attention_mask"], trained)
-    off = gen.logits(batch["input_ids"], batch["attention_mask"], disabled(m))
+    off = gen.logits(batch["input_ids"], batch["attention_mask"], disabled(m, trained))
     assert not np.allclose(with_b, off)
     assert set(read_fixed(ffa, m)) <= set(m.generation.adapter_inputs.values())
     bundle = tmp_path / "b"

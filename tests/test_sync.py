@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetune.bundle import read_manifest
+from edgetune.bundle import Bundle, read_manifest
 from edgetune.delta import apply_diff, encode_delta, read_delta
 from edgetune.errors import EdgetuneError
 from edgetune.federated.client import CollectorClient, CollectorError, RetryPolicy
@@ -91,7 +91,7 @@ def test_one_round_pushes_the_trained_difference_and_a_rerun_does_nothing(bundle
         assert update.kind == "diff" and update.since_sha256 == server.global_sha256 and update.round_id == "0"
         assert update.num_examples == 9
         # global + the shipped difference == the adapter trained on the device (fp16 codec of the difference)
-        trained = latest_adapter(bundle, manifest).tensors
+        trained = latest_adapter(Bundle.open(bundle)).tensors
         rebuilt = apply_diff(read_delta(server.global_bytes).tensors, update.tensors)
         for t in manifest.trainable:
             np.testing.assert_allclose(rebuilt[t.peft_key], trained[t.graph_name], atol=2e-3)
@@ -111,8 +111,8 @@ def test_training_starts_from_the_global_adapter(bundle, data):
     with _collector(bundle) as server:
         client = CollectorClient(server.url, "t")
         files = JournalFile(bundle / "train-state")
-        _pull(client, files, client.round_info(), bundle, manifest, bundle / "train-state")
-        imported = latest_adapter(bundle, manifest).tensors
+        _pull(client, files, client.round_info(), Bundle.open(bundle), bundle / "train-state")
+        imported = latest_adapter(Bundle.open(bundle)).tensors
         expected = read_delta(server.global_bytes).tensors
         for t in manifest.trainable:
             np.testing.assert_array_equal(imported[t.graph_name], expected[t.peft_key])

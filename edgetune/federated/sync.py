@@ -58,20 +58,19 @@ class SyncResult:
 
 def sync(bundle: Path, opts: SyncOptions, *, client: CollectorClient | None = None,
          log: Callable[[str], None] = print, progress: bool = False) -> SyncResult:
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.delta import load_private_key
-    from edgetune.runtime.state import STATE_DIR
 
-    bundle = Path(bundle)
-    manifest = read_manifest(bundle)
+    bundle = Bundle.open(bundle)
+    manifest = bundle.manifest
     signing_key = load_private_key(opts.sign) if opts.sign else None  # a bad key fails before any traffic
-    state_dir = Path(opts.train.state_dir or bundle / STATE_DIR)
+    state_dir = bundle.state_folder(opts.train.state_dir)
     files = JournalFile(state_dir)
     client = client or CollectorClient(opts.server, opts.token, opts.device, retry=opts.retry, log=log)
     info = client.round_info()
     if info.base_model_sha256 != manifest.base_sha256:
         raise CollectorError(f"--server {client.server} collects updates for base model {info.base_model_sha256[:16]}…, "
-                             f"but bundle {str(bundle)!r} is built on {manifest.base_sha256[:16]}…; sync this bundle "
+                             f"but bundle {str(bundle.folder)!r} is built on {manifest.base_sha256[:16]}…; sync this bundle "
                              "with its own collector, or export the bundle from the model the collector uses.")
     journal = files.load()
     if journal is not None and journal.server != client.server and not journal.finished:
@@ -96,7 +95,7 @@ def sync(bundle: Path, opts: SyncOptions, *, client: CollectorClient | None = No
         journal = None
 
     if journal is None:
-        journal = _pull(client, files, info, bundle, manifest, state_dir)
+        journal = _pull(client, files, info, bundle, state_dir)
         log(f"round {info.round}: imported the global adapter {info.global_sha256[:16]}…; training")
     losses: list[float] = []
     if journal.phase == "pulled":
@@ -104,21 +103,22 @@ def sync(bundle: Path, opts: SyncOptions, *, client: CollectorClient | None = No
         journal.phase = "trained"
         files.save(journal)
     if journal.phase == "trained":
-        size = _write_update(files, journal, bundle, manifest, state_dir, opts, signing_key)
+        size = _write_update(files, journal, bundle, state_dir, opts, signing_key)
         log(f"round {journal.round}: wrote update {journal.update_id} ({size:,} bytes, {opts.kind}, {opts.codec})")
     result = _push(client, files, journal, log)
     result.losses = losses
     return result
 
 
-def _pull(client, files: JournalFile, info: RoundInfo, bundle: Path, manifest, state_dir: Path) -> Journal:
+def _pull(client, files: JournalFile, info: RoundInfo, bundle, state_dir: Path) -> Journal:
     """Fetch, verify and import the round's global adapter; returns the journal at phase ``pulled``."""
-    from edgetune.delta import check_compatible, read_delta
+    from edgetune.delta.resolve import resolve_delta
     from edgetune.runtime.import_adapter import import_adapter
 
     data = client.global_adapter(info.round)
     where = f"{client.server}/v1/rounds/{info.round}/global"
-    global_delta = read_delta(data)  # framing, checksum, signature, finite values
+    resolved = resolve_delta(data, bundle.manifest)  # verify (framing, checksum, signature, values), then fit
+    global_delta = resolved.delta
     # The collector names a global by its delta checksum (what an update's since_sha256 refers to);
     # the SHA-256 of the file's bytes is accepted as well.
     if info.global_sha256 not in (global_delta.sha256, hashlib.sha256(data).hexdigest()):
@@ -127,19 +127,16 @@ def _pull(client, files: JournalFile, info: RoundInfo, bundle: Path, manifest, s
                              "run sync again.", retryable=True)
     if global_delta.kind != "full":
         raise DeltaError(f"{where}: the global adapter is a {global_delta.kind} delta; the collector must serve a full one.")
-    check_compatible(global_delta, base_model_sha256=manifest.base_sha256, method=_method(manifest),
-                     expected_shapes=manifest.trainable_shapes())
     files.prune(info.round)
     files.write_file(files.global_path(info.round), data)
-    graph = {t.graph_name: global_delta.tensors[t.peft_key] for t in manifest.trainable}
-    import_adapter(bundle, manifest, graph, f"global adapter of round {info.round}", state_dir=state_dir, force=True)
+    import_adapter(bundle, resolved.by_graph, f"global adapter of round {info.round}", state_dir=state_dir, force=True)
     journal = Journal(server=client.server, round=info.round, update_id=str(uuid.uuid4()),
                       global_sha256=global_delta.sha256)
     files.save(journal)
     return journal
 
 
-def _train(bundle: Path, opts: SyncOptions, state_dir: Path, progress: bool, log) -> list[float]:
+def _train(bundle, opts: SyncOptions, state_dir: Path, progress: bool, log) -> list[float]:
     """Train from the imported global adapter; after a kill, resumes from the last checkpoint."""
     from edgetune.runtime.trainer import train
 
@@ -150,17 +147,19 @@ def _train(bundle: Path, opts: SyncOptions, state_dir: Path, progress: bool, log
     return result.losses
 
 
-def _write_update(files: JournalFile, journal: Journal, bundle: Path, manifest, state_dir: Path, opts: SyncOptions,
+def _write_update(files: JournalFile, journal: Journal, bundle, state_dir: Path, opts: SyncOptions,
                   signing_key) -> int:
     """Encode the trained adapter as this round's update, write it, record its SHA-256 (phase ``written``)."""
-    from edgetune.delta import diff, encode_delta, read_delta
+    from edgetune.delta import diff, encode_delta
+    from edgetune.delta.resolve import read_reference
     from edgetune.runtime.adapter_source import latest_adapter
 
-    adapter = latest_adapter(bundle, manifest, state_dir)
+    manifest = bundle.manifest
+    adapter = latest_adapter(bundle, state_dir)
     tensors = {t.peft_key: adapter.tensors[t.graph_name] for t in manifest.trainable}
     kind, since = "full", None
     if opts.kind == "diff":
-        reference = read_delta(files.global_path(journal.round))
+        reference = read_reference(files.global_path(journal.round), manifest)
         if reference.sha256 != journal.global_sha256:
             raise EdgetuneError(f"{files.global_path(journal.round)} is not the global adapter this round started from; "
                                 f"delete {files.path} to start the round over.")
@@ -170,7 +169,7 @@ def _write_update(files: JournalFile, journal: Journal, bundle: Path, manifest, 
     data = encode_delta(tensors, base_model_sha256=manifest.base_sha256, method=_method(manifest), codec=opts.codec,
                         kind=kind, since_sha256=since, num_examples=int(trainer.get("num_examples", 0)),
                         round_id=str(journal.round), metrics=metrics, signing_key=signing_key,
-                        producer={"device": opts.device, "update_id": journal.update_id})
+                        producer={"update_id": journal.update_id, **({"device": opts.device} if opts.device else {})})
     journal.delta_sha256 = files.write_file(files.update_path(journal.round), data)
     journal.phase = "written"
     files.save(journal)

@@ -21,25 +21,25 @@ from edgetune.federated.flower.config import merged
 def train_on_node(start: dict[str, np.ndarray], config: dict, node_config: dict | None = None,
                   round_number: int = 0) -> tuple[dict[str, np.ndarray], int, float | None]:
     """(trained adapter by PEFT key, number of examples, last loss) after training from ``start``."""
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.errors import EdgetuneError
     from edgetune.runtime.adapter_source import check_adapter, latest_adapter
     from edgetune.runtime.import_adapter import import_adapter
     from edgetune.runtime.trainer import TrainOptions, train
 
-    bundle = Path(config["bundle"])
-    manifest = read_manifest(bundle)
+    bundle = Bundle.open(config["bundle"])
+    manifest = bundle.manifest
     by_graph = {t.graph_name: start.get(t.peft_key) for t in manifest.trainable if t.peft_key in start}
     check_adapter(manifest, by_graph)
     with tempfile.TemporaryDirectory(prefix="edgetune-flower-") as tmp:
         data = _node_data(Path(config["data"]), node_config or {}, Path(tmp))
         state = Path(tmp) / "state"
-        import_adapter(bundle, manifest, by_graph, f"Flower round {round_number}", state_dir=state, force=True)
+        import_adapter(bundle, by_graph, f"Flower round {round_number}", state_dir=state, force=True)
         opts = TrainOptions(data=data, steps=config["local-steps"], batch_size=config["batch-size"],
                             max_seq_len=config["max-seq-len"], lr=config["lr"], seed=config["seed"] + round_number,
                             threads=config["threads"], save_every=config["local-steps"], resume=True, state_dir=state)
         result = train(bundle, opts, progress=False, log=lambda message: None)
-        trained = latest_adapter(bundle, manifest, state)
+        trained = latest_adapter(bundle, state)
     if not result.losses:
         raise EdgetuneError("the node trained no steps; set local-steps > 0.")
     tensors = {t.peft_key: trained.tensors[t.graph_name] for t in manifest.trainable}

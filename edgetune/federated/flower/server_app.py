@@ -7,7 +7,6 @@ and for the round-0 global adapter; the final global can be written as a full ``
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from edgetune.federated.flower.config import merged
 
@@ -31,14 +30,14 @@ def build_strategy(config: dict, manifest):
 
 def run_rounds(grid, config: dict, strategy=None):
     """Run ``num-server-rounds`` rounds; returns Flower's ``Result`` (``.arrays``: the final global)."""
-    from edgetune.bundle import read_manifest
+    from edgetune.bundle import Bundle
     from edgetune.federated.flower.arrays import from_record, to_record
     from edgetune.runtime.adapter_source import initial_adapter
 
-    bundle = Path(config["bundle"])
-    manifest = read_manifest(bundle)
+    bundle = Bundle.open(config["bundle"])
+    manifest = bundle.manifest
     strategy = strategy or build_strategy(config, manifest)
-    initial = initial_adapter(bundle, manifest)
+    initial = initial_adapter(bundle)
     start = {t.peft_key: initial[t.graph_name] for t in manifest.trainable}
     result = strategy.start(grid=grid, initial_arrays=to_record(start), num_rounds=config["num-server-rounds"])
     if config["global-out"]:
