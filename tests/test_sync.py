@@ -110,7 +110,7 @@ def test_training_starts_from_the_global_adapter(bundle, data):
     manifest = read_manifest(bundle)
     with _collector(bundle) as server:
         client = CollectorClient(server.url, "t")
-        files = JournalFile(bundle / "train-state")
+        files = JournalFile(bundle / "sync-state")
         _pull(client, files, client.round_info(), Bundle.open(bundle), bundle / "train-state")
         imported = latest_adapter(Bundle.open(bundle)).tensors
         expected = read_delta(server.global_bytes).tensors
@@ -168,7 +168,7 @@ def test_a_refusal_is_final_and_recorded(bundle, data):
     with _collector(bundle, refuse_with=(422, "L2 norm 1e9 exceeds the bound 10")) as server:
         with pytest.raises(CollectorError, match="422: L2 norm 1e9"):
             sync(bundle, _options(server.url, data), log=lambda m: None)
-        journal = JournalFile(bundle / "train-state").load()
+        journal = JournalFile(bundle / "sync-state").load()
         assert journal.phase == "refused" and "L2 norm" in journal.reason
         again = sync(bundle, _options(server.url, data), log=lambda m: None)
         assert again.status == "already refused" and len(server.pushes()) == 1
@@ -198,7 +198,7 @@ def test_sigkill_during_upload_resends_the_same_bytes_under_the_same_id_without_
         first.kill()  # SIGKILL: no cleanup runs
         first.wait()
         hold.set()
-        journal = JournalFile(bundle / "train-state").load()
+        journal = JournalFile(bundle / "sync-state").load()
         assert journal.phase == "written"
         second = _cli(*args, block_heavy=True)
         out, err = second.communicate(timeout=240)
@@ -245,9 +245,9 @@ def test_three_devices_two_rounds_through_the_real_collector(bundle, data, tmp_p
                          *(["--kind", "full"] if i == 0 else []))
                 out, err = p.communicate(timeout=240)
                 assert p.returncode == 0 and f"round {n}: pushed" in out, err[-2000:]
-                journal = JournalFile(folders[d] / "train-state").load()
+                journal = JournalFile(folders[d] / "sync-state").load()
                 assert journal.round == n and journal.phase == "pushed" and journal.global_sha256 == glob.sha256
-                assert (folders[d] / "train-state" / "sync" / f"global-{n:06d}.etd").read_bytes() == \
+                assert (folders[d] / "sync-state" / "rounds" / f"global-{n:06d}.etd").read_bytes() == \
                     server_global_bytes(server.url, n)
             status = _wait_round(server.url, n + 1)
             assert status["rounds"][n]["accepted"] == 3 and status["refused_total"] == 0

@@ -34,9 +34,11 @@ PATH = click.Path(path_type=Path)
               help="Attempts per request (exponential back-off with jitter between them).")
 @click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0 = all cores).")
 @click.option("--state-dir", type=PATH, default=None, help="Training state folder (default: BUNDLE/train-state).")
+@click.option("--sync-dir", type=PATH, default=None,
+              help="Where the round's journal and files are kept (default: BUNDLE/sync-state).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sync(bundle, server, token, device, sign_key, data, steps, epochs, batch_size, grad_accum, max_seq_len, lr, warmup,
-         seed, save_every, skip_bad, kind, codec, retries, threads, state_dir, quiet):
+         seed, save_every, skip_bad, kind, codec, retries, threads, state_dir, sync_dir, quiet):
     """Take part in the collector's current round: pull its global adapter, train on DATA from it,
     push the update. Safe to re-run at any time: it finishes an interrupted round and never sends
     a different update under the same id."""
@@ -51,7 +53,7 @@ def sync(bundle, server, token, device, sign_key, data, steps, epochs, batch_siz
                          max_seq_len=max_seq_len, lr=lr, warmup=warmup, seed=seed, threads=threads,
                          save_every=save_every, skip_bad=skip_bad, state_dir=state_dir)
     opts = SyncOptions(server=server, train=train, token=token, device=device, sign=sign_key, kind=kind, codec=codec,
-                       retry=RetryPolicy(attempts=retries))
+                       retry=RetryPolicy(attempts=retries), sync_dir=sync_dir)
     result = run(bundle, opts, log=lambda message: click.echo(message, err=True), progress=not quiet)
     click.echo(f"round {result.round}: {result.status} (update {result.update_id})")
 

@@ -1,7 +1,8 @@
 """The sync journal: where ``edgetune sync`` is in a round, so a kill at any moment is recoverable.
 
-One small JSON file in the training state folder (``sync-journal.json``), replaced atomically at
-each phase change, plus the round's files in ``sync/``::
+One small JSON file in the sync folder (default ``<bundle>/sync-state``, beside the training state
+folder, which holds only the trainer's own files), replaced atomically at each phase change, plus
+the round's files in ``rounds/``::
 
     {"server", "round", "update_id", "global_sha256", "phase", "delta_sha256", "answer", "reason"}
 
@@ -21,8 +22,9 @@ from pathlib import Path
 from edgetune.atomic import atomic_write_bytes
 from edgetune.errors import EdgetuneError
 
+SYNC_STATE = "sync-state"  # default folder, inside the bundle folder like train-state
 JOURNAL = "sync-journal.json"
-SYNC_DIR = "sync"
+ROUNDS_DIR = "rounds"
 PHASES = ("pulled", "trained", "written", "pushed", "refused")
 
 
@@ -43,12 +45,12 @@ class Journal:
 
 
 class JournalFile:
-    """The journal and the round files of one training state folder."""
+    """The journal and the round files of one sync folder."""
 
-    def __init__(self, state_dir: Path):
-        self.state_dir = Path(state_dir)
+    def __init__(self, folder: Path):
+        self.state_dir = Path(folder)
         self.path = self.state_dir / JOURNAL
-        self.files = self.state_dir / SYNC_DIR
+        self.files = self.state_dir / ROUNDS_DIR
 
     def load(self) -> Journal | None:
         if not self.path.is_file():

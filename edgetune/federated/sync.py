@@ -4,7 +4,7 @@
     bundle -> import it as the step-0 checkpoint -> train -> write the update (diff since the
     global, or full) -> POST it with retries
 
-Every phase is recorded in the journal (``journal.py``) before the next starts, so a re-run after a
+Every phase is recorded in the journal (``journal.py``, in ``BUNDLE/sync-state``) before the next starts, so a re-run after a
 kill continues where it stopped: training resumes from its last checkpoint, and an update that
 was written is re-sent byte for byte under the same update id (the collector answers a repeat
 with its first answer). A re-run after the server acknowledged does nothing until the next round.
@@ -20,7 +20,7 @@ from typing import Callable
 
 from edgetune.errors import DeltaError, EdgetuneError
 from edgetune.federated.client import CollectorClient, CollectorError, RetryPolicy, RoundInfo
-from edgetune.federated.journal import Journal, JournalFile
+from edgetune.federated.journal import SYNC_STATE, Journal, JournalFile
 
 KINDS = ("diff", "full")
 STALE = 410
@@ -30,6 +30,7 @@ STALE = 410
 class SyncOptions:
     server: str
     train: object  # edgetune.runtime.trainer.TrainOptions (data, steps, lr, ..., state_dir)
+    sync_dir: Path | None = None  # the journal and round files (default: BUNDLE/sync-state)
     token: str | None = None
     device: str | None = None
     sign: Path | None = None  # Ed25519 private key from `edgetune keygen`
@@ -65,7 +66,7 @@ def sync(bundle: Path, opts: SyncOptions, *, client: CollectorClient | None = No
     manifest = bundle.manifest
     signing_key = load_private_key(opts.sign) if opts.sign else None  # a bad key fails before any traffic
     state_dir = bundle.state_folder(opts.train.state_dir)
-    files = JournalFile(state_dir)
+    files = JournalFile(Path(opts.sync_dir) if opts.sync_dir else bundle.folder / SYNC_STATE)
     client = client or CollectorClient(opts.server, opts.token, opts.device, retry=opts.retry, log=log)
     info = client.round_info()
     if info.base_model_sha256 != manifest.base_sha256:
