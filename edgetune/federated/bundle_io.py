@@ -74,21 +74,9 @@ def export_peft(store: Store, n: int, bundle: Path, out: Path, force: bool = Fal
 def fixed_peft_tensors(bundle) -> dict[str, np.ndarray]:
     """Adapter tensors the bundle holds frozen (e.g. A under FFA-LoRA): PEFT needs them, devices never ship them.
 
-    They are the frozen tensors with a PEFT key; their values come from the bundle's ORT checkpoint.
+    They are the frozen tensors with a PEFT key; their exact values are the bundle's
+    ``fixed_adapter.safetensors`` (``edgetune.fixed_adapter``, the one reader the device uses too).
     """
-    wanted = {t.graph_name: t.peft_key for t in bundle.manifest.frozen if t.peft_key}
-    if not wanted:
-        return {}
-    from edgetune.runtime.ort_import import training_api
+    from edgetune.fixed_adapter import read_fixed_peft
 
-    state = training_api().CheckpointState.load_checkpoint(str(bundle.path("checkpoint")))
-    out, missing = {}, []
-    for graph_name, peft_key in wanted.items():
-        try:
-            out[peft_key] = np.array(state.parameters[graph_name].data, dtype=np.float32)
-        except (KeyError, RuntimeError):
-            missing.append(graph_name)
-    if missing:
-        raise EdgetuneError(f"bundle {bundle.folder}: frozen adapter tensor(s) {', '.join(missing[:3])} are not in its "
-                            "checkpoint; re-export the bundle.")
-    return out
+    return read_fixed_peft(bundle.folder, bundle.manifest)
