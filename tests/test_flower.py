@@ -135,3 +135,18 @@ def test_pyproject_run_config_matches_the_apps_defaults():
     run_config = pyproject["tool"]["flwr"]["app"]["config"]
     assert set(run_config) == set(DEFAULTS)
     assert merged(run_config) == {**DEFAULTS, **run_config}
+
+
+def test_flower_apps_and_sync_import_without_torch():
+    """A SuperNode is a device: the ClientApp (and the ServerApp, strategy and sync) load with torch & co. absent."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('torch', 'transformers', 'peft', 'optimum'): sys.modules[m] = None\n"
+            "import edgetune.federated.flower.client_app, edgetune.federated.flower.server_app\n"
+            "import edgetune.federated.flower.strategy, edgetune.federated.sync, edgetune.commands.sync_cmd\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
