@@ -34,7 +34,6 @@ bench: $(STAMP)
 
 # The collector under load: 1,000 simulated devices uploading concurrently on 127.0.0.1.
 bench-collector: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[collect]"
 	$(BIN)/python bench/load.py --devices 1000 --concurrency 64
 
 clean:
