@@ -60,7 +60,7 @@ def split_by_city(clients: int, folder: Path) -> list[Path]:
     return paths
 
 
-def run_way(bundle: Path, space: str, shares: list[Path], args) -> dict:
+def run_way(bundle: Path, space: str, shares: list[Path], args, lr: float) -> dict:
     from edgetune.bundle import Bundle
     from edgetune.delta import encode_delta
     from edgetune.federated.aggregate import AggregationOptions, ClientUpdate, aggregate
@@ -87,7 +87,7 @@ def run_way(bundle: Path, space: str, shares: list[Path], args) -> dict:
     for k in range(args.rounds):
         updates = []
         for i, share in enumerate(shares):
-            config = merged({"bundle": str(bundle.folder), "data": str(share), "local-steps": args.local_steps, "lr": args.lr,
+            config = merged({"bundle": str(bundle.folder), "data": str(share), "local-steps": args.local_steps, "lr": lr,
                              "batch-size": 4, "max-seq-len": 128, "threads": args.threads, "seed": i})
             adapter, examples, _ = train_on_node(glob, config, round_number=k)
             updates.append(ClientUpdate(adapter, glob, float(examples)))
@@ -110,12 +110,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--ffa-lr", type=float, default=None, help="learning rate for ffa-fedavg (default: --lr)")
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated subset of {', '.join(WAYS)}")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--targets", default="q_proj,v_proj")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     targets = tuple(t for t in args.targets.split(",") if t)
+    ways = [w for w in args.ways.split(",") if w]
+    if not ways or any(w not in WAYS for w in ways):
+        parser.error(f"--ways must name some of {', '.join(WAYS)}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgetune-lora-agg-") as tmp:
         tmp = Path(tmp)
@@ -126,20 +131,23 @@ def main(argv=None) -> int:
 
             model = str(build_tiny_model_dir(tmp / "tiny-llama"))
         bundles = {freeze: export(model, tmp / f"bundle-{'ffa' if freeze else 'plain'}", freeze, args.rank, targets)
-                   for freeze in (True, False)}
+                   for freeze in sorted({WAYS[w][0] for w in ways})}
         shares = split_by_city(args.clients, tmp)
         results = {}
-        for way, (freeze, space) in WAYS.items():
-            print(f"{way}:", flush=True)
-            results[way] = run_way(bundles[freeze], space, shares, args)
+        for way in ways:
+            freeze, space = WAYS[way]
+            lr = args.ffa_lr if freeze and args.ffa_lr is not None else args.lr
+            print(f"{way} (lr {lr:g}):", flush=True)
+            results[way] = run_way(bundles[freeze], space, shares, args, lr)
+            results[way]["lr"] = lr
     figures = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": "python bench/lora_aggregation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "seconds": round(time.perf_counter() - t0, 1), "results": results}
-    print(f"\n| aggregation | eval loss after {args.rounds} rounds | per round | upload per device (fp16) |")
-    print("|---|---|---|---|")
+    print(f"\n| aggregation | lr | eval loss after {args.rounds} rounds | per round | upload per device (fp16) |")
+    print("|---|---|---|---|---|")
     base = next(iter(results.values()))["base_loss"]
     for way, r in results.items():
-        print(f"| {way} | {r['losses'][-1]:.4f} | {' '.join(f'{x:.3f}' for x in r['losses'])} | {r['upload_bytes']:,} B |")
+        print(f"| {way} | {r['lr']:g} | {r['losses'][-1]:.4f} | {' '.join(f'{x:.3f}' for x in r['losses'])} | {r['upload_bytes']:,} B |")
     print(f"base model (adapter off): {base:.4f}; {args.clients} devices, {args.local_steps} local steps, lr {args.lr}, "
           f"rank {args.rank} on {args.targets}; {figures['seconds']} s; {figures['date']}")
     if args.json_out:
