@@ -12,7 +12,7 @@ import sys
 import click
 
 from edgetune import __version__
-from edgetune.commands import collect_cmds, delta_cmds, export_cmds, runtime_cmds, sync_cmd
+from edgetune.commands import collect_cmds, delta_cmds, device_cmds, export_cmds, runtime_cmds, sync_cmd
 from edgetune.errors import EdgetuneError
 
 
@@ -34,7 +34,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-for module in (export_cmds, runtime_cmds, delta_cmds, sync_cmd, collect_cmds):
+for module in (export_cmds, runtime_cmds, delta_cmds, sync_cmd, collect_cmds, device_cmds):
     for command in module.COMMANDS:
         cli.add_command(command)
 
