@@ -51,12 +51,20 @@ def _check_file(path: Path, option: str) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @THREADS
 @STATE
-def train(bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len, lr, warmup, seed, save_every,
-          resume, restart, eval_data, skip_bad, backend, quiet, threads, state_dir):
+@click.option("--device", default=None, help="Refuse, before the first step, a batch size and length predicted "
+                                              "not to fit this device profile (`edgetune devices list`).")
+@click.option("--emulate", default=None, help="Run here under this device profile's threads and a hard memory cap.")
+@click.pass_context
+def train(ctx, bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len, lr, warmup, seed, save_every,
+          resume, restart, eval_data, skip_bad, backend, quiet, threads, state_dir, device, emulate):
     """Fine-tune the bundle's adapter on DATA, on this device. Checkpoints are crash-safe."""
     from edgetune.bundle import Bundle
     from edgetune.runtime.trainer import TrainOptions, train as run
 
+    if emulate is not None:  # the same command in a child under the profile's limits (devices/emulate.py)
+        from edgetune.devices.emulate import emulate_train
+
+        return emulate_train(ctx, emulate, bundle, state_dir)
     backend = _backend(backend)
     _check_file(data, "--data")
     if eval_data is not None:
@@ -66,6 +74,11 @@ def train(bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len, lr, 
                         save_every=save_every, resume=resume, restart=restart, skip_bad=skip_bad,
                         backend=backend, state_dir=state_dir)
     bundle = Bundle.open(bundle)  # hashed once, shared by the evaluations before and after
+    if device is not None:  # before any data is read or a session built
+        from edgetune.devices.fit import check_fits
+        from edgetune.devices.profile import get_profile
+
+        check_fits(bundle.manifest, get_profile(device), batch_size, max_seq_len, grad_accum)
     before = _eval(bundle, eval_data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend) if eval_data else None
     result = run(bundle, opts, progress=not quiet, log=lambda m: click.echo(m, err=True))
     d = result.data

@@ -120,6 +120,9 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
     schedule = LinearSchedule(opts.lr, total, opts.warmup)
     backend = open_backend(opts.backend, bundle, checkpoint=latest.ort_checkpoint if latest else None,
                            threads=opts.threads)
+    from edgetune.devices.emulate import arm_cap
+
+    arm_cap()  # under `train --emulate`: the device's memory cap starts once the sessions are loaded
     result = TrainResult(steps=total, start_step=start, data=asdict(stats))
 
     def save(step: int):
