@@ -113,7 +113,7 @@ def test_plan_grows_with_batch_and_length_and_follows_the_memory_plan(export_tin
     peaks = [[predict(full, b, s).peak_bytes for s in (32, 64, 128)] for b in (1, 2, 4)]
     assert all(row == sorted(row) and len(set(row)) == 3 for row in peaks)
     assert [r[0] for r in peaks] == sorted(r[0] for r in peaks)
-    assert predict(none, 4, 128).parts["activations"] > predict(full, 4, 128).parts["activations"]
+    assert predict(none, 4, 128).parts["step"] > predict(full, 4, 128).parts["step"]
     m = ModelShape.from_manifest(full)
     # the stored residual stream alone: 2L+1 tensors of (B, T, hidden) fp32
     assert stored_activations(m, "full", 2, 64) == (2 * m.layers + 1) * 2 * 64 * m.hidden * 4
@@ -238,3 +238,82 @@ def test_the_wheel_carries_the_profiles_and_the_installed_package_finds_them(tmp
                             "print(profiles_folder(), len(load_profiles()))"], capture_output=True, text=True,
                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert found.stdout.split() == [str(tmp_path / "site" / "edgetune" / "_devices"), str(len(SHIPPED))], found.stderr
+
+
+SMOLLM2_CONFIG = {"vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+                  "num_key_value_heads": 3, "intermediate_size": 1536, "tie_word_embeddings": True}
+
+
+def test_export_device_picks_the_fastest_export_that_fits_and_says_why(tmp_path):
+    from edgetune.devices.export_choice import candidates, choose_export
+    from edgetune.errors import ExportError
+    from edgetune.methods import LoraConfig
+
+    lora = LoraConfig()
+    peaks = {(c.quantize, c.recompute, c.loss_chunks): c.prediction.peak_bytes
+             for c in candidates(SMOLLM2_CONFIG, lora, 8, 512, {})}
+    assert peaks[("int8", "full", 32)] < peaks[("int8", "cheap", 32)] < peaks[("int8", "none", 32)]
+    between = (peaks[("int8", "full", 32)] + min(peaks[("int8", "cheap", 32)], peaks[("int8", "mlp", 32)])) // 2 // MB
+    chosen, why = choose_export(SMOLLM2_CONFIG, lora, get_profile(str(write_profile(tmp_path, "mid", between))),
+                                8, 512, {})
+    assert (chosen.quantize, chosen.recompute) == ("int8", "full") and "would not fit" in why
+    roomy = get_profile(str(write_profile(tmp_path, "big", 60000)))
+    chosen, why = choose_export(SMOLLM2_CONFIG, lora, roomy, 8, 512, {})
+    assert chosen.recompute == "none" and "fastest option fits" in why
+    chosen, _ = choose_export(SMOLLM2_CONFIG, lora, roomy, 8, 512, {"quantize": "none", "recompute": "cheap"})
+    assert (chosen.quantize, chosen.recompute) == ("none", "cheap")
+    with pytest.raises(ExportError, match="no export of this model fits tiny"):
+        choose_export(SMOLLM2_CONFIG, lora, get_profile(str(write_profile(tmp_path, "tiny", 100))), 8, 512, {})
+
+
+def test_the_plan_from_the_model_config_matches_the_plan_from_the_exported_manifest(export_tiny, tiny_model_dir):
+    from edgetune.bundle import Bundle
+    from edgetune.devices.export_choice import inputs_from_config, model_config
+    from edgetune.devices.plan import PlanInputs
+    from edgetune.methods import LoraConfig
+
+    manifest = Bundle.open(export_tiny(quantize="int8", recompute="full", loss_chunks=4), verify=False).manifest
+    assert inputs_from_config(model_config(str(tiny_model_dir)), LoraConfig(), "int8", "full", 4) == \
+        PlanInputs.from_manifest(manifest)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_ort_format_artifacts_train_like_the_onnx_ones(export_tiny, tmp_path, quantize):
+    import shutil
+
+    import numpy as np
+
+    from edgetune.bundle import Bundle
+    from edgetune.export.ort_format import write_ort_format
+    folder = tmp_path / "b"
+    shutil.copytree(export_tiny(quantize=quantize), folder)
+    record = write_ort_format(folder)
+    manifest = Bundle.open(folder).manifest  # every new file is hashed into the manifest
+    assert manifest.producer["ort_format"]["files"] == {"training": "training_model.ort", "eval": "eval_model.ort",
+                                                        "optimizer": "optimizer_model.ort"} == record["files"]
+    assert "required_operators.config" in manifest.files
+    from onnxruntime.training import api
+    ids = np.random.default_rng(0).integers(3, 300, (2, 16)).astype(np.int64)
+
+    def losses(ext):
+        state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
+        module = api.Module(str(folder / f"training_model{ext}"), state, str(folder / f"eval_model{ext}"))
+        optimizer = api.Optimizer(str(folder / f"optimizer_model{ext}"), module)
+        module.train()
+        out = []
+        for _ in range(3):
+            out.append(float(module(ids, np.ones_like(ids), ids)))
+            optimizer.step()
+            module.lazy_reset_grad()
+        return out
+
+    np.testing.assert_allclose(losses(".ort"), losses(".onnx"), rtol=1e-6)
+
+
+def test_export_for_a_phone_writes_ort_format_and_records_why(tiny_model_dir, tmp_path):
+    code, out, err, _ = edgetune("export", tiny_model_dir, "--device", "android-midrange-6gb", "--out", tmp_path / "b")
+    assert code == 0, err
+    assert "for android-midrange-6gb: --quantize int8 --recompute none" in err and "adding --ort-format" in err
+    manifest = json.loads((tmp_path / "b" / "edgetune.json").read_text())
+    assert manifest["producer"]["memory"]["recompute"] == "none" and manifest["quantization"] == "int8"
+    assert manifest["producer"]["ort_format"]["files"]["training"] == "training_model.ort"

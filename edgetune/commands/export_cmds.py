@@ -69,8 +69,17 @@ def _method_names() -> list[str]:
               help="Keep the training graph exactly as ONNX Runtime's gradient builder writes it "
                    "(ignores --recompute and --loss-chunks; for comparisons).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def export(model, out, method, quantize, weight_decay, recompute, loss_chunks, no_memory_rewrites, force,
-           **method_options):
+@click.option("--device", default=None, help="Choose --quantize, --recompute and --loss-chunks (those not given) so "
+                                             "training fits this device profile (`edgetune devices list`).")
+@click.option("--plan-batch-size", type=click.IntRange(1), default=4, show_default=True,
+              help="With --device: the batch size training there will use.")
+@click.option("--plan-seq-len", type=click.IntRange(1), default=256, show_default=True,
+              help="With --device: the --max-seq-len training there will use.")
+@click.option("--ort-format", is_flag=True, help="Also write the training artifacts in ORT format (for minimal "
+                                                 "mobile onnxruntime builds); the manifest records them.")
+@click.pass_context
+def export(ctx, model, out, method, quantize, weight_decay, recompute, loss_chunks, no_memory_rewrites, force,
+           device, plan_batch_size, plan_seq_len, ort_format, **method_options):
     """Export MODEL (a Hugging Face folder, a .gguf file, or a built-in name; default smollm2-135m)
     with a trainable adapter into an ONNX Runtime training bundle."""
     from edgetune.export.artifacts import AdamWSettings
@@ -78,6 +87,20 @@ def export(model, out, method, quantize, weight_decay, recompute, loss_chunks, n
 
     config = method_config(method, method_options)  # before loading torch: fast, clear refusals
     check_output(Path(out), force)
+    if device is not None:  # devices/export_choice.py: the plan for every candidate export
+        from edgetune.devices.export_choice import choose_export, model_config
+        from edgetune.devices.profile import get_profile
+
+        profile = get_profile(device)
+        given = {name: value for name, value in (("quantize", quantize), ("recompute", recompute),
+                                                 ("loss_chunks", loss_chunks))
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+        chosen, why = choose_export(model_config(model), config, profile, plan_batch_size, plan_seq_len, given)
+        quantize, recompute, loss_chunks = chosen.quantize, chosen.recompute, chosen.loss_chunks
+        click.echo(f"• for {profile.name}: {why}", err=True)
+        if profile.ort_format_required and not ort_format:
+            click.echo(f"• {profile.name} apps use minimal onnxruntime builds: adding --ort-format", err=True)
+            ort_format = True
     opts = ExportOptions(
         source=model, out=out, method=method, method_config=config,
         quantize=quantize, force=force, adamw=AdamWSettings(weight_decay=weight_decay),
@@ -85,6 +108,11 @@ def export(model, out, method, quantize, weight_decay, recompute, loss_chunks, n
     )
     manifest = export_bundle(opts, report=lambda msg: click.echo(f"• {msg}", err=True))
     click.echo(f"wrote {out} in {manifest.producer['export_seconds']} s", err=True)
+    if ort_format:
+        from edgetune.export.ort_format import write_ort_format
+
+        record = write_ort_format(out)
+        click.echo(f"• ORT format: {', '.join(record['files'].values())} and {record['required_operators']}", err=True)
     from edgetune.bundle import Bundle
     from edgetune.summary import bundle_summary
 
