@@ -159,11 +159,11 @@ def get_profile(name: str, folder: Path | None = None) -> DeviceProfile:
     if name.endswith(".toml"):
         path = Path(name)
         if not path.is_file():
-            raise ProfileError(f"--device {name!r}: no such file; give a shipped device name or a .toml profile.")
+            raise ProfileError(f"device profile {name!r}: no such file; give a shipped device name or a .toml profile.")
         return parse_profile(path.read_text(encoding="utf-8"), path)
     folder = folder or profiles_folder()
     path = folder / f"{name}.toml"
     if not path.is_file():
         known = ", ".join(p.stem for p in sorted(folder.glob("*.toml")))
-        raise ProfileError(f"--device {name!r} is not a known device; choose one of: {known} (or a .toml file).")
+        raise ProfileError(f"device {name!r} is not a known device profile; choose one of: {known} (or a .toml file).")
     return parse_profile(path.read_text(encoding="utf-8"), path)
