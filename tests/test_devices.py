@@ -289,9 +289,20 @@ def test_ort_format_artifacts_train_like_the_onnx_ones(export_tiny, tmp_path, qu
     shutil.copytree(export_tiny(quantize=quantize), folder)
     record = write_ort_format(folder)
     manifest = Bundle.open(folder).manifest  # every new file is hashed into the manifest
-    assert manifest.producer["ort_format"]["files"] == {"training": "training_model.ort", "eval": "eval_model.ort",
-                                                        "optimizer": "optimizer_model.ort"} == record["files"]
+    expected = {"training": "training_model.ort", "eval": "eval_model.ort", "optimizer": "optimizer_model.ort"}
+    if "portable_model.onnx" in manifest.files:  # the stock-onnxruntime graphs, when the bundle has them
+        expected.update(portable="portable_model.ort", portable_eval="portable_eval_model.ort")
+    assert manifest.producer["ort_format"]["files"] == expected == record["files"]
     assert "required_operators.config" in manifest.files
+    import onnxruntime
+
+    for role in ("portable", "portable_eval"):  # an inference session reads them with the same signature
+        if role in expected:
+            signatures = []
+            for ext in (".onnx", ".ort"):
+                session = onnxruntime.InferenceSession(str(folder / f"{role}_model{ext}"))
+                signatures.append(([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]))
+            assert signatures[0] == signatures[1] and "loss" in signatures[1][1]
     from onnxruntime.training import api
     ids = np.random.default_rng(0).integers(3, 300, (2, 16)).astype(np.int64)
 

@@ -38,6 +38,9 @@ def write_ort_format(folder: Path | str) -> dict:
         inputs.mkdir()
         for path in sources.values():
             (inputs / path.name).symlink_to(path.resolve())
+        for name in bundle.manifest.files:  # external data (e.g. the portable graph's weights) beside them
+            if not name.endswith(".onnx") and not (inputs / name).exists():
+                (inputs / name).symlink_to((folder / name).resolve())
         onnxruntime.set_default_logger_severity(3)  # its warnings about unused constants are not the user's
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file converted
