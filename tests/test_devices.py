@@ -225,10 +225,17 @@ def test_emulate_with_too_little_memory_stops_with_a_message_and_a_usable_checkp
 
 
 def test_the_wheel_carries_the_profiles_and_the_installed_package_finds_them(tmp_path):
+    import shutil
     import zipfile
 
+    source = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("edgetune", "devices"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "w"), str(REPO)], capture_output=True, text=True, cwd=tmp_path)
+                            "-w", str(tmp_path / "w"), str(source)], capture_output=True, text=True, cwd=tmp_path)
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "w").glob("edgetune-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
