@@ -1,0 +1,146 @@
+"""The ``portable`` backend: the stock ``onnxruntime`` package, on any CPU and Python it ships for.
+
+The bundle's portable gradient graph (``manifest.portable["file"]``) holds the frozen weights and
+takes the batch plus every trainable tensor as inputs; it outputs the micro-batch's loss and one
+gradient per trainable tensor. An ``InferenceSession`` runs it; the rest of what ORT's training API
+does is here, in numpy:
+
+- gradient accumulation: the sum of the micro-batch gradients since the last optimizer step, as
+  ORT's ``InPlaceAccumulatorV2`` adds them (no averaging);
+- AdamW outside the graph (``edgetune.runtime.adamw``) with the bundle's hyper-parameters;
+- checkpoints in ORT's own format (``edgetune.runtime.ort_checkpoint``), so either backend
+  resumes from the other's.
+
+Nothing here imports ``onnxruntime.training``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgetune.bundle import Manifest
+from edgetune.errors import BundleError, EdgetuneError
+from edgetune.runtime.adamw import AdamWHyper, AdamWState, adamw_step
+from edgetune.runtime.backend import Batch
+from edgetune.runtime.ort_checkpoint import TrainableState, read_trainable, write_checkpoint
+from edgetune.runtime.ort_import import onnxruntime
+
+CHECKPOINT = "checkpoint"
+
+
+def portable_graphs(bundle: Path, manifest: Manifest) -> dict:
+    """The manifest's ``portable`` entry, checked; BundleError (with the way out) when it cannot train."""
+    info = manifest.portable
+    if not info:
+        raise BundleError(f"bundle {str(bundle)!r} has no portable graph (it was exported by an older edgetune); "
+                          "re-export it, or use --backend ort-training where onnxruntime-training-cpu installs "
+                          "(x86-64 Linux, Python 3.10/3.11).")
+    if not info.get("supported"):
+        ops = ", ".join(str(op) for op in info.get("unsupported", [])[:8]) or "unknown operators"
+        raise BundleError(f"bundle {str(bundle)!r} is not portable: its training graph uses operators the stock "
+                          f"onnxruntime cannot run ({ops}); use --backend ort-training (x86-64 Linux, Python 3.10/3.11).")
+    problems = []
+    for key in ("file", "eval_file"):
+        name = info.get(key)
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            problems.append(f"{key} is {name!r}, not a file name inside the bundle")
+        elif not (Path(bundle) / name).is_file():
+            problems.append(f"{name} is missing")
+    gradients = info.get("gradients") if isinstance(info.get("gradients"), dict) else {}
+    absent = [t.graph_name for t in manifest.trainable if not isinstance(gradients.get(t.graph_name), str)]
+    if absent:
+        problems.append(f"no gradient output named for {', '.join(absent[:3])}")
+    if not isinstance(info.get("loss"), str):
+        problems.append(f"loss output is {info.get('loss')!r}")
+    if problems:
+        raise BundleError(f"bundle {str(bundle)!r}: portable graph entry is unusable ({'; '.join(problems)}); re-export the bundle.")
+    return info
+
+
+class PortableBackend:
+    name = "portable"
+
+    def __init__(self, bundle: Path, manifest: Manifest, *, checkpoint: Path | None = None, threads: int = 0,
+                 with_eval: bool = False, training: bool = True):
+        from edgetune.runtime.ort_backend import session_options
+
+        self._bundle = Path(bundle)
+        info = portable_graphs(self._bundle, manifest)
+        self._hyper = AdamWHyper.from_manifest(manifest.optimizer)
+        self._names = [t.graph_name for t in manifest.trainable]
+        self._inputs = [i.name for i in manifest.inputs]
+        self._loss = info["loss"]
+        self._grad_outputs = [info["gradients"][n] for n in self._names]
+        self._options = session_options(threads)
+        self._eval_file = self._bundle / info["eval_file"]
+        self._train = self._session(self._bundle / info["file"], [self._loss, *self._grad_outputs]) if training else None
+        self._eval = self._session(self._eval_file, [self._loss]) if with_eval else None
+        state = read_trainable(checkpoint or self._bundle / CHECKPOINT, self._names)
+        shapes = {t.graph_name: tuple(t.shape) for t in manifest.trainable}
+        wrong = [f"{n} is {a.shape}, the bundle has {shapes[n]}" for n, a in state.params.items() if a.shape != shapes[n]]
+        if wrong:
+            raise BundleError(f"checkpoint {str(checkpoint or self._bundle / CHECKPOINT)!r} does not fit the bundle: "
+                              f"{'; '.join(wrong[:3])}; pass --restart.")
+        self._params = state.params
+        self._adamw = state.adamw or AdamWState()
+        self._learning_rate = state.learning_rate
+        self._grads: dict[str, np.ndarray] | None = None  # sum over micro-batches since the last step
+
+    def _session(self, path: Path, outputs: list[str]):
+        ort = onnxruntime()
+        try:
+            session = ort.InferenceSession(str(path), self._options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ORT reports load failures as its own exception types
+            raise BundleError(f"{path}: the stock onnxruntime {ort.__version__} cannot load it ({str(exc)[:300]}); "
+                              "re-export the bundle or use --backend ort-training.") from None
+        have_in = {i.name for i in session.get_inputs()}
+        have_out = {o.name for o in session.get_outputs()}
+        absent = [n for n in (*self._inputs, *self._names) if n not in have_in] + [n for n in outputs if n not in have_out]
+        if absent:
+            raise BundleError(f"{path}: graph lacks {', '.join(absent[:3])} named by the manifest; re-export the bundle.")
+        return session
+
+    def _feed(self, batch: Batch) -> dict[str, np.ndarray]:
+        feed = {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs}
+        feed.update(self._params)
+        return feed
+
+    def train_step(self, batch: Batch) -> float:
+        if self._train is None:
+            raise EdgetuneError("this backend was opened for evaluation only (training=False).")
+        loss, *grads = self._train.run([self._loss, *self._grad_outputs], self._feed(batch))
+        if self._grads is None:
+            self._grads = dict(zip(self._names, grads))
+        else:
+            for name, g in zip(self._names, grads):
+                self._grads[name] += g
+        return float(loss)
+
+    def optimizer_step(self, learning_rate: float) -> None:
+        if self._grads is None:
+            raise EdgetuneError("optimizer_step without gradients: call train_step first.")
+        adamw_step(self._params, self._grads, self._adamw, self._hyper, float(learning_rate))
+        self._learning_rate = float(learning_rate)
+        self._grads = None
+
+    def discard_gradients(self) -> None:
+        self._grads = None
+
+    def eval_loss(self, batch: Batch) -> float:
+        if self._eval is None:  # opened lazily: training runs need it only for --eval-data
+            self._eval = self._session(self._eval_file, [self._loss])
+        (loss,) = self._eval.run([self._loss], self._feed(batch))
+        return float(loss)
+
+    def trainable(self) -> dict[str, np.ndarray]:
+        return {name: self._params[name].copy() for name in self._names}
+
+    def set_trainable(self, tensors: dict[str, np.ndarray]) -> None:
+        for name, value in tensors.items():
+            self._params[name] = np.array(value, dtype=np.float32, order="C")
+
+    def save(self, path: Path) -> None:
+        state = TrainableState(self.trainable(), self._adamw, self._learning_rate)
+        write_checkpoint(Path(path), self._bundle / CHECKPOINT, state)
