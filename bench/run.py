@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-fraction", type=float, default=0.0,
                    help="share of each row labelled -100 (a prompt without loss), e.g. 0.5")
     p.add_argument("--skip-torch", action="store_true", help="measure edgetune only")
+    p.add_argument("--skip-portable", action="store_true", help="measure the ort-training backend only")
     p.add_argument("--json-out", type=Path, default=HERE / "results" / "latest.json", help="where to write the JSON")
     args = p.parse_args(argv)
     problems = [f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}."
@@ -125,6 +126,16 @@ def ratios(e: dict, t: dict) -> dict:
             "steps_peak_growth_ratio": div("steps_peak_growth_bytes")}
 
 
+def portable_ratios(trainers: dict) -> dict | None:
+    """portable / ort-training on step time and peak RSS (the goal: each at most 1.25)."""
+    p, o = trainers.get("edgetune_portable"), trainers.get("edgetune")
+    if p is None or o is None:
+        return None
+    return {"step_time_ratio": p["step_s"] / o["step_s"], "peak_rss_ratio": p["peak_rss_bytes"] / o["peak_rss_bytes"],
+            "steps_peak_growth_ratio": (None if not o.get("steps_peak_growth_bytes") or p.get("steps_peak_growth_bytes") is None
+                                        else p["steps_peak_growth_bytes"] / o["steps_peak_growth_bytes"])}
+
+
 def warnings(r: dict) -> list[str]:
     """Signs that other processes shared the CPU while something was timed: then the timings say little."""
     windows = {"GEMM": r["gemm"], **{NAMES.get(n, n): t for n, t in r["trainers"].items()}}
@@ -149,6 +160,9 @@ def measure(args, tmp: Path) -> dict:
     gemms = [worker("gemm", gemm_args)]
     say("edgetune training steps (ort-training backend)")
     runs = {"edgetune": worker("edgetune", {**common, "bundle": str(bundle)})}
+    if not args.skip_portable and (manifest.portable or {}).get("supported"):
+        say("edgetune training steps (portable backend: stock InferenceSession + numpy AdamW)")
+        runs["edgetune_portable"] = worker("edgetune", {**common, "bundle": str(bundle), "backend": "portable"})
     if not args.skip_torch:
         say("PyTorch+PEFT training steps")
         lora = {k: manifest.method["config"][k] for k in ("rank", "alpha", "targets", "use_rslora")}
@@ -189,6 +203,7 @@ def summarize(args, argv, m: dict) -> dict:
         "base_model_bytes_fp32": 4 * manifest.base_model["parameters"],
         "trainers": trainers,
         "ratios": ratios(trainers["edgetune"], trainers["pytorch_peft"]) if "pytorch_peft" in trainers else None,
+        "portable_vs_ort_training": portable_ratios(trainers),
     }
     return result
 

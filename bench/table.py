@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from edgetune.summary import memory_plan_text
 
-NAMES = {"edgetune": "edgetune", "pytorch_peft": "PyTorch+PEFT"}
+NAMES = {"edgetune": "edgetune", "edgetune_portable": "portable", "pytorch_peft": "PyTorch+PEFT"}
+# ratio columns: (header, numerator trainer, denominator trainer), shown when both ran
+RATIOS = [("edgetune/PyTorch", "edgetune", "pytorch_peft"), ("portable/ort-tr.", "edgetune_portable", "edgetune")]
 GB, MB = 1e9, 1e6
 
 
@@ -20,9 +22,9 @@ def _ratio(a, b):
     return "" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
-# (label, key, format, ratio?) ; ratio column = edgetune / PyTorch+PEFT
+# (label, key, format, ratio?) ; "edgetune" is the ort-training backend, "portable" the stock-package one
 ROWS = [
-    ("step time, median s", "step_s", lambda x: f"{x:.3f}", False),
+    ("step time, median s", "step_s", lambda x: f"{x:.3f}", "portable"),
     ("  fastest – slowest s", None, None, False),
     ("tokens/s", "tokens_per_s", lambda x: f"{x:.0f}", True),
     ("useful GFLOP/s", "useful_gflop_per_s", lambda x: f"{x:.0f}", True),
@@ -40,7 +42,8 @@ ROWS = [
 def render(r: dict) -> str:
     c, m = r["config"], r["machine"]
     trainers = r["trainers"]
-    names = list(trainers)
+    names = [n for n in NAMES if n in trainers]
+    ratio_cols = [(h, a, b) for h, a, b in RATIOS if a in trainers and b in trainers]
     head = [
         f"edgetune vs PyTorch+PEFT — {c['model']}, {c['method']}, AdamW lr {c['learning_rate']:g}",
         f"batch {c['batch_size']} x {c['seq_len']} tokens, prompt fraction {c['prompt_fraction']:g} "
@@ -53,15 +56,17 @@ def render(r: dict) -> str:
     ]
     width = 30
     lines = [f"{'':<{width}}" + "".join(f"{NAMES[n]:>15}" for n in names)
-             + (f"{'edgetune/PyTorch':>18}" if len(names) == 2 else "")]
+             + "".join(f"{h:>18}" for h, _, _ in ratio_cols)]
     for label, key, fmt, ratio in ROWS:
         if key is None:
             cells = [f"{trainers[n]['step_min_s']:.2f} – {trainers[n]['step_max_s']:.2f}" for n in names]
         else:
             cells = [fmt(trainers[n][key]) if trainers[n].get(key) is not None else "—" for n in names]
         row = f"{label:<{width}}" + "".join(f"{cell:>15}" for cell in cells)
-        if ratio and len(names) == 2:
-            row += f"{_ratio(trainers[names[0]].get(key), trainers[names[1]].get(key)):>18}"
+        for _, a, b in ratio_cols:
+            # step time only makes sense as portable vs ort-training (the PyTorch column shows tokens/s)
+            shown = ratio is True or (ratio == "portable" and a == "edgetune_portable")
+            row += f"{_ratio(trainers[a].get(key), trainers[b].get(key)) if shown else '':>18}"
         lines.append(row)
     f = r["flops"]
     tail = [
@@ -85,7 +90,11 @@ def render(r: dict) -> str:
             tail.append(f"delta ({label}): " + ", ".join(f"{codec} {n / MB:.2f} MB ({100 * n / base:.2f}%)" for codec, n in sizes)
                         + f"  — % of the fp32 base model, {base / MB:.0f} MB")
     tail.append(f"  {d['tensors']} trainable tensors, {d['values']:,} values")
-    if len(names) == 2:
+    p = r.get("portable_vs_ort_training")
+    if p:
+        tail += ["", f"portable backend (stock onnxruntime InferenceSession, AdamW in numpy) vs ort-training: "
+                     f"{p['step_time_ratio']:.2f}x the step time, {p['peak_rss_ratio']:.2f}x the peak RSS (goal: at most 1.25x each)"]
+    if r.get("ratios"):
         s = r["ratios"]
         tail += ["", f"edgetune vs PyTorch+PEFT: {s['speedup_tokens_per_s']:.2f}x the tokens/s, "
                      f"{s['peak_rss_ratio']:.2f}x the peak RSS"

@@ -1,6 +1,6 @@
 """Benchmark workers; each runs in its own process so the OS measures its memory alone.
 
-    python bench/workers.py edgetune '{"bundle": ..., "batch": 4, "seq": 128, "threads": 2, ...}'
+    python bench/workers.py edgetune '{"bundle": ..., "backend": "portable", "batch": 4, "seq": 128, "threads": 2, ...}'
     python bench/workers.py torch    '{"model": null, "lora": {...}, "adamw": {...}, ...}'
     python bench/workers.py gemm     '{"threads": 2, "n": 2048, "runs": 10}'
 
@@ -57,7 +57,7 @@ def run_edgetune(a: dict) -> dict:
 
     bundle = Bundle.open(a["bundle"], verify=False)
     manifest = bundle.manifest
-    backend = open_backend("ort-training", bundle, threads=a["threads"])
+    backend = open_backend(a.get("backend", "ort-training"), bundle, threads=a["threads"])
     data = make_batch(manifest.base_model["config"]["vocab_size"], a["batch"], a["seq"], a["prompt_fraction"])
 
     def step() -> float:
