@@ -74,8 +74,6 @@ class Manifest:
     tokenizer: TokenizerInfo
     generation: GenerationInfo | None
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
-    # Stock-onnxruntime graphs: {"file", "eval_file", "supported", "unsupported", "gradients", "loss"}
-    portable: dict | None = None
     schema_version: int = SCHEMA_VERSION
     producer: dict = field(default_factory=dict)
     # The portable gradient graph for the stock onnxruntime package (None: exported before it

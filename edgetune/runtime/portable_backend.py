@@ -38,7 +38,7 @@ def portable_graphs(bundle: Path, manifest: Manifest) -> dict:
                           "re-export it, or use --backend ort-training where onnxruntime-training-cpu installs "
                           "(x86-64 Linux, Python 3.10/3.11).")
     if not info.get("supported"):
-        ops = ", ".join(str(op) for op in info.get("unsupported", [])[:8]) or "unknown operators"
+        ops = ", ".join(_operator(op) for op in (info.get("unsupported") or [])[:8]) or "unknown operators"
         raise BundleError(f"bundle {str(bundle)!r} is not portable: its training graph uses operators the stock "
                           f"onnxruntime cannot run ({ops}); use --backend ort-training (x86-64 Linux, Python 3.10/3.11).")
     problems = []
@@ -57,6 +57,13 @@ def portable_graphs(bundle: Path, manifest: Manifest) -> dict:
     if problems:
         raise BundleError(f"bundle {str(bundle)!r}: portable graph entry is unusable ({'; '.join(problems)}); re-export the bundle.")
     return info
+
+
+def _operator(entry) -> str:
+    """An ``unsupported`` entry ({"op_type", "node", ...}) as "OpType (node name)"."""
+    if isinstance(entry, dict):
+        return f"{entry.get('op_type', '?')} (node {entry.get('node', '?')})"
+    return str(entry)
 
 
 class PortableBackend:
