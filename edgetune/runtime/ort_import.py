@@ -19,7 +19,8 @@ from pathlib import Path
 from edgetune.errors import BundleError
 
 MISSING = ("the ort-training backend needs onnxruntime-training-cpu==1.19.2 (x86-64 Linux, Python 3.10/3.11); "
-           "install it with `pip install onnxruntime-training-cpu==1.19.2`.")
+           "install it with `pip install onnxruntime-training-cpu==1.19.2`, or use --backend portable "
+           "(the stock onnxruntime package).")
 
 
 def _training_folder() -> Path | None:
@@ -47,7 +48,8 @@ def onnxruntime():
     try:
         import onnxruntime as ort
     except ImportError:
-        raise BundleError("edgetune needs ONNX Runtime; install onnxruntime-training-cpu==1.19.2.") from None
+        raise BundleError("edgetune needs ONNX Runtime; reinstall edgetune, which brings onnxruntime-training-cpu "
+                          "(x86-64 Linux, Python 3.10/3.11) or the stock onnxruntime package.") from None
     return ort
 
 
