@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from edgetune.bundle import read_manifest
-from edgetune.runtime.ort_import import has_training_build
+from edgetune.bundle import Bundle
+from edgetune.runtime.ort_import import training_build_installed
 from tests.portable_runs import assert_same_run, assert_trained, read_run, train_cli, write_pairs
 
-needs_training_build = pytest.mark.skipif(not has_training_build(), reason="needs onnxruntime-training-cpu (the reference backend)")
+needs_training_build = pytest.mark.skipif(not training_build_installed(), reason="needs onnxruntime-training-cpu (the reference backend)")
 ADAMW = dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)  # not the defaults, so each one is exercised
 
 
@@ -100,11 +101,11 @@ def test_portable_steps_match_ort_training(decay_bundle, grad_accum):
     """Same batches, 6 optimizer steps of ``grad_accum`` micro-batches: losses, eval loss and weights agree."""
     from edgetune.runtime.backend import open_backend
 
-    manifest = read_manifest(decay_bundle)
-    batches = _batches(manifest.base_model["config"]["vocab_size"], 6 * grad_accum)
+    opened = Bundle.open(decay_bundle)
+    batches = _batches(opened.manifest.base_model["config"]["vocab_size"], 6 * grad_accum)
     runs = {}
     for name in ("ort-training", "portable"):
-        backend = open_backend(name, decay_bundle, manifest, with_eval=True)
+        backend = open_backend(name, opened, with_eval=True)
         initial = backend.trainable()
         losses = []
         for step in range(6):
@@ -126,24 +127,24 @@ def test_checkpoints_cross_backends(bundle, tmp_path):
     from edgetune.runtime.backend import open_backend
     from edgetune.runtime.ort_checkpoint import read_trainable
 
-    manifest = read_manifest(bundle)
-    names = [t.graph_name for t in manifest.trainable]
-    batches = _batches(manifest.base_model["config"]["vocab_size"], 8, seed=3)
+    opened = Bundle.open(bundle)
+    names = [t.graph_name for t in opened.manifest.trainable]
+    batches = _batches(opened.manifest.base_model["config"]["vocab_size"], 8, seed=3)
 
     def steps(backend, chunk):
         for batch in chunk:
             backend.train_step(batch)
             backend.optimizer_step(5e-3)
 
-    ort = open_backend("ort-training", bundle, manifest)
+    ort = open_backend("ort-training", opened)
     steps(ort, batches[:3])
     ort.save(tmp_path / "from-ort")
-    portable = open_backend("portable", bundle, manifest, checkpoint=tmp_path / "from-ort")
+    portable = open_backend("portable", opened, checkpoint=tmp_path / "from-ort")
     state = read_trainable(tmp_path / "from-ort", names)
     assert state.adamw.step == 3 and all(np.abs(state.adamw.exp_avg[n]).max() > 0 for n in names)
     steps(portable, batches[3:6])
     portable.save(tmp_path / "from-portable")
-    back = open_backend("ort-training", bundle, manifest, checkpoint=tmp_path / "from-portable")
+    back = open_backend("ort-training", opened, checkpoint=tmp_path / "from-portable")
     assert read_trainable(tmp_path / "from-portable", names).adamw.step == 6
     steps(back, batches[6:])
     steps(ort, batches[3:])  # the uninterrupted ORT run
@@ -153,14 +154,17 @@ def test_checkpoints_cross_backends(bundle, tmp_path):
 
 
 def test_initial_adapter_read_without_training_api(bundle):
-    """The bundle's checkpoint (an ORT flatbuffer) read by edgetune's own reader equals what ORT reads."""
-    from edgetune.runtime.adapter_source import initial_adapter
+    """The bundle's checkpoint (an ORT flatbuffer) read by edgetune's own reader equals what ORT reads;
+    reading it builds no session and needs no portable graph."""
+    from edgetune.runtime.backend import open_backend
 
     manifest = read_manifest(bundle)
-    ours = initial_adapter(bundle, manifest)
+    path = bundle / "edgetune.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "portable": None}))
+    ours = open_backend("portable", Bundle.open(bundle), training=False).initial_adapter()
     assert set(ours) == {t.graph_name for t in manifest.trainable}
     assert all(ours[t.graph_name].shape == tuple(t.shape) and ours[t.graph_name].dtype == np.float32 for t in manifest.trainable)
-    if has_training_build():
+    if training_build_installed():
         from edgetune.runtime.ort_import import training_api
 
         state = training_api().CheckpointState.load_checkpoint(str(bundle / "checkpoint"))

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from edgetune.runtime.ort_import import has_training_build
+from edgetune.runtime.ort_import import training_build_installed
 from tests.portable_runs import assert_same_run, assert_trained, python312, read_run, train_cli, write_pairs
 
 PY312 = python312()
 pytestmark = [
     pytest.mark.skipif(PY312 is None, reason="no Python 3.12 environment: run `make venv312` (needs a python3.12 "
                                              "interpreter; set EDGETUNE_PY312 to use another one)"),
-    pytest.mark.skipif(not has_training_build(), reason="needs onnxruntime-training-cpu here for the reference run"),
+    pytest.mark.skipif(not training_build_installed(), reason="needs onnxruntime-training-cpu here for the reference run"),
 ]
 STEPS = 20
 CHECK_STOCK = """
@@ -52,8 +52,8 @@ def test_environment_is_the_stock_package():
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_python312_stock_onnxruntime_matches_ort_training(export_tiny, tmp_path, quantize):
     from edgetune.export.artifacts import AdamWSettings
+    from edgetune.bundle import Bundle
     from edgetune.runtime.adapter_source import initial_adapter
-    from edgetune.bundle import read_manifest
 
     bundle = export_tiny(quantize=quantize, adamw=AdamWSettings(weight_decay=0.01))
     data = write_pairs(tmp_path / "pairs.jsonl")
@@ -61,4 +61,4 @@ def test_python312_stock_onnxruntime_matches_ort_training(export_tiny, tmp_path,
                                  "--grad-accum", 2, "--lr", 5e-3, "--warmup", 2)
     assert len(reference[0]) == STEPS
     assert_same_run(run, reference, rtol=1e-4)
-    assert_trained(reference[1], initial_adapter(bundle, read_manifest(bundle)))
+    assert_trained(reference[1], initial_adapter(Bundle.open(bundle)))

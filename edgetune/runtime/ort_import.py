@@ -53,11 +53,6 @@ def onnxruntime():
     return ort
 
 
-def has_training_build() -> bool:
-    """Whether the installed ``onnxruntime`` is the training build (without importing it)."""
-    return _training_folder() is not None
-
-
 def training_api():
     """``onnxruntime.training.api``; BundleError when the training build is not installed.
 

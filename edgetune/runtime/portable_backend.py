@@ -17,21 +17,24 @@ Nothing here imports ``onnxruntime.training``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgetune.bundle import Manifest
 from edgetune.errors import BundleError, EdgetuneError
 from edgetune.runtime.adamw import AdamWHyper, AdamWState, adamw_step
 from edgetune.runtime.backend import Batch
 from edgetune.runtime.ort_checkpoint import TrainableState, read_trainable, write_checkpoint
 from edgetune.runtime.ort_import import onnxruntime
+from edgetune.runtime.session_options import training_options
 
-CHECKPOINT = "checkpoint"
+if TYPE_CHECKING:
+    from edgetune.bundle import Bundle
 
 
-def portable_graphs(bundle: Path, manifest: Manifest) -> dict:
+def portable_graphs(bundle: "Bundle") -> dict:
     """The manifest's ``portable`` entry, checked; BundleError (with the way out) when it cannot train."""
+    manifest = bundle.manifest
     info = manifest.portable
     if not info:
         raise BundleError(f"bundle {str(bundle)!r} has no portable graph (it was exported by an older edgetune); "
@@ -42,12 +45,9 @@ def portable_graphs(bundle: Path, manifest: Manifest) -> dict:
         raise BundleError(f"bundle {str(bundle)!r} is not portable: its training graph uses operators the stock "
                           f"onnxruntime cannot run ({ops}); use --backend ort-training (x86-64 Linux, Python 3.10/3.11).")
     problems = []
-    for key in ("file", "eval_file"):
-        name = info.get(key)
-        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
-            problems.append(f"{key} is {name!r}, not a file name inside the bundle")
-        elif not (Path(bundle) / name).is_file():
-            problems.append(f"{name} is missing")
+    for key, role in (("file", "portable"), ("eval_file", "portable_eval")):
+        if info.get(key) != bundle.file_name(role):  # the Bundle checked that file: inside, listed, hashed
+            problems.append(f"{key} is {info.get(key)!r}, the bundle lists {bundle.file_name(role)!r}")
     gradients = info.get("gradients") if isinstance(info.get("gradients"), dict) else {}
     absent = [t.graph_name for t in manifest.trainable if not isinstance(gradients.get(t.graph_name), str)]
     if absent:
@@ -69,36 +69,54 @@ def _operator(entry) -> str:
 class PortableBackend:
     name = "portable"
 
-    def __init__(self, bundle: Path, manifest: Manifest, *, checkpoint: Path | None = None, threads: int = 0,
+    def __init__(self, bundle: "Bundle", *, checkpoint: Path | None = None, threads: int = 0,
                  with_eval: bool = False, training: bool = True):
-        from edgetune.runtime.ort_backend import session_options
-
-        self._bundle = Path(bundle)
-        info = portable_graphs(self._bundle, manifest)
+        manifest = bundle.manifest
+        self._bundle = bundle
         self._hyper = AdamWHyper.from_manifest(manifest.optimizer)
         self._names = [t.graph_name for t in manifest.trainable]
         self._inputs = [i.name for i in manifest.inputs]
-        self._loss = info["loss"]
-        self._grad_outputs = [info["gradients"][n] for n in self._names]
-        self._options = session_options(threads)
-        self._eval_file = self._bundle / info["eval_file"]
-        self._train = self._session(self._bundle / info["file"], [self._loss, *self._grad_outputs]) if training else None
-        self._eval = self._session(self._eval_file, [self._loss]) if with_eval else None
-        state = read_trainable(checkpoint or self._bundle / CHECKPOINT, self._names)
+        self._threads = threads
+        self._train = self._eval = None  # sessions; built now when opened to run, else on first use
+        if training:  # so that a step's time and memory are the step's own
+            self._training_session()
+        if with_eval:
+            self._eval_session()
+        source = Path(checkpoint) if checkpoint is not None else bundle.path("checkpoint")
+        state = read_trainable(source, self._names)
         shapes = {t.graph_name: tuple(t.shape) for t in manifest.trainable}
         wrong = [f"{n} is {a.shape}, the bundle has {shapes[n]}" for n, a in state.params.items() if a.shape != shapes[n]]
         if wrong:
-            raise BundleError(f"checkpoint {str(checkpoint or self._bundle / CHECKPOINT)!r} does not fit the bundle: "
-                              f"{'; '.join(wrong[:3])}; pass --restart.")
+            raise BundleError(f"checkpoint {str(source)!r} does not fit the bundle: {'; '.join(wrong[:3])}; pass --restart.")
         self._params = state.params
         self._adamw = state.adamw or AdamWState()
         self._learning_rate = state.learning_rate
         self._grads: dict[str, np.ndarray] | None = None  # sum over micro-batches since the last step
 
+    # --- sessions (reading or writing tensors needs none: a bundle without portable graphs still
+    # gives its initial adapter and checkpoints) -------------------------------------------------
+    def _graphs(self) -> dict:
+        info = portable_graphs(self._bundle)
+        self._loss = info["loss"]
+        self._grad_outputs = [info["gradients"][n] for n in self._names]
+        return info
+
+    def _training_session(self):
+        if self._train is None:
+            self._graphs()
+            self._train = self._session(self._bundle.path("portable"), [self._loss, *self._grad_outputs])
+        return self._train
+
+    def _eval_session(self):
+        if self._eval is None:
+            self._graphs()
+            self._eval = self._session(self._bundle.path("portable_eval"), [self._loss])
+        return self._eval
+
     def _session(self, path: Path, outputs: list[str]):
         ort = onnxruntime()
         try:
-            session = ort.InferenceSession(str(path), self._options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(path), training_options(self._threads), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ORT reports load failures as its own exception types
             raise BundleError(f"{path}: the stock onnxruntime {ort.__version__} cannot load it ({str(exc)[:300]}); "
                               "re-export the bundle or use --backend ort-training.") from None
@@ -115,9 +133,7 @@ class PortableBackend:
         return feed
 
     def train_step(self, batch: Batch) -> float:
-        if self._train is None:
-            raise EdgetuneError("this backend was opened for evaluation only (training=False).")
-        loss, *grads = self._train.run([self._loss, *self._grad_outputs], self._feed(batch))
+        loss, *grads = self._training_session().run([self._loss, *self._grad_outputs], self._feed(batch))
         if self._grads is None:
             self._grads = dict(zip(self._names, grads))
         else:
@@ -136,9 +152,7 @@ class PortableBackend:
         self._grads = None
 
     def eval_loss(self, batch: Batch) -> float:
-        if self._eval is None:  # opened lazily: training runs need it only for --eval-data
-            self._eval = self._session(self._eval_file, [self._loss])
-        (loss,) = self._eval.run([self._loss], self._feed(batch))
+        (loss,) = self._eval_session().run([self._loss], self._feed(batch))
         return float(loss)
 
     def trainable(self) -> dict[str, np.ndarray]:
@@ -148,6 +162,9 @@ class PortableBackend:
         for name, value in tensors.items():
             self._params[name] = np.array(value, dtype=np.float32, order="C")
 
+    def initial_adapter(self) -> dict[str, np.ndarray]:
+        return read_trainable(self._bundle.path("checkpoint"), self._names).params
+
     def save(self, path: Path) -> None:
         state = TrainableState(self.trainable(), self._adamw, self._learning_rate)
-        write_checkpoint(Path(path), self._bundle / CHECKPOINT, state)
+        write_checkpoint(Path(path), self._bundle.path("checkpoint"), state)
