@@ -258,3 +258,24 @@ def test_portable_eval_generate_delta_cli(bundle, tmp_path):
     assert r.returncode == 0 and "trained, step 3" in r.stderr, r.stderr
     r = cli("delta", bundle, "--out", tmp_path / "u.etd", "--state-dir", state)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("writer", ["portable", "ort-training"])
+def test_portable_nan_loss_stops_and_keeps_checkpoint(bundle, tmp_path, writer):
+    """An overflowing adapter (imported as a step-0 checkpoint by either backend): the portable run stops
+    at step 1 naming the kept checkpoint, which is left as it was."""
+    from edgetune.errors import TrainingError
+    from edgetune.runtime.adapter_source import initial_adapter
+    from edgetune.runtime.import_adapter import import_adapter
+    from edgetune.runtime.trainer import TrainOptions, train
+
+    if writer == "ort-training" and not training_build_installed():
+        pytest.skip("needs onnxruntime-training-cpu")
+    huge = {k: np.full_like(v, 3e38) for k, v in initial_adapter(Bundle.open(bundle)).items()}
+    ckpt = import_adapter(Bundle.open(bundle), huge, "test: overflowing adapter", backend=writer)
+    before = (ckpt / "checkpoint").read_bytes()
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step 1; .*checkpoint at step 0"):
+        train(Bundle.open(bundle), TrainOptions(data=write_pairs(tmp_path / "d.jsonl"), steps=3, backend="portable"),
+              progress=False)
+    assert (bundle / "train-state" / "LATEST").read_text().strip() == ckpt.name
+    assert (ckpt / "checkpoint").read_bytes() == before
