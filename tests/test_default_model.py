@@ -73,14 +73,14 @@ def test_delta_is_under_half_a_percent_of_the_base(default_bundle, tmp_path):
 
 def test_python312_stock_onnxruntime_matches_ort_training_on_default_model(default_bundle, tmp_path):
     """20 steps of the real model: the portable backend on Python 3.12's stock onnxruntime (base install
-    only) gives the ort-training backend's losses and weights within 1e-4 relative."""
+    only) gives the ort-training backend's losses and weights within 1e-4 relative (tests/portable_runs.py)."""
     from tests.portable_runs import assert_same_run, python312, read_run, train_cli
 
     py312 = python312()
     if py312 is None:
         pytest.skip("no Python 3.12 environment: run `make venv312`")
-    args = ["--data", DATA / "records-train.jsonl", "--steps", 20, "--batch-size", 4, "--grad-accum", 2,
-            "--max-seq-len", 128, "--lr", 1e-3, "--warmup", 3]
+    args = ["--data", DATA / "records-train.jsonl", "--steps", 20, "--batch-size", 2, "--max-seq-len", 128,
+            "--lr", 1e-3, "--warmup", 3]
     reference = train_cli(default_bundle, tmp_path / "ort", *args, "--backend", "ort-training")
     assert reference.returncode == 0, reference.stderr[-2000:]
     stock = train_cli(default_bundle, tmp_path / "py312", *args, "--backend", "portable", python=[str(py312)])
