@@ -37,12 +37,12 @@ def portable_graphs(bundle: "Bundle") -> dict:
     manifest = bundle.manifest
     info = manifest.portable
     if not info:
-        raise BundleError(f"bundle {str(bundle)!r} has no portable graph (it was exported by an older edgetune); "
+        raise BundleError(f"bundle {str(bundle.folder)!r} has no portable graph (it was exported by an older edgetune); "
                           "re-export it, or use --backend ort-training where onnxruntime-training-cpu installs "
                           "(x86-64 Linux, Python 3.10/3.11).")
     if not info.get("supported"):
         ops = ", ".join(_operator(op) for op in (info.get("unsupported") or [])[:8]) or "unknown operators"
-        raise BundleError(f"bundle {str(bundle)!r} is not portable: its training graph uses operators the stock "
+        raise BundleError(f"bundle {str(bundle.folder)!r} is not portable: its training graph uses operators the stock "
                           f"onnxruntime cannot run ({ops}); use --backend ort-training (x86-64 Linux, Python 3.10/3.11).")
     problems = []
     for key, role in (("file", "portable"), ("eval_file", "portable_eval")):
@@ -55,7 +55,7 @@ def portable_graphs(bundle: "Bundle") -> dict:
     if not isinstance(info.get("loss"), str):
         problems.append(f"loss output is {info.get('loss')!r}")
     if problems:
-        raise BundleError(f"bundle {str(bundle)!r}: portable graph entry is unusable ({'; '.join(problems)}); re-export the bundle.")
+        raise BundleError(f"bundle {str(bundle.folder)!r}: portable graph entry is unusable ({'; '.join(problems)}); re-export the bundle.")
     return info
 
 
