@@ -2,7 +2,7 @@
 # An arm64 (aarch64) Python 3.11 with the stock onnxruntime wheel, run by qemu user mode on x86-64,
 # for tests/test_portable_arm64.py. Everything comes from Debian's packages and the package index:
 #   build/arm64/sysroot/   Debian bookworm's python3.11:arm64 and its library closure (dpkg -x, ~14 MB)
-#   build/arm64/site/      aarch64 wheels: onnxruntime<=1.27 and the device half's dependencies
+#   build/arm64/site/      aarch64 wheels: onnxruntime<=1.27, onnx and the device half's other dependencies
 #   build/arm64/READY      written last; the test skips unless it exists
 # Needs root (apt-get) on Debian/Ubuntu. Idempotent: does nothing once READY exists.
 # onnxruntime is kept <= 1.27: qemu 7.2 passes the host's x86 /proc/cpuinfo through, and
@@ -37,7 +37,7 @@ for deb in "$OUT.partial"/debs/*.deb; do dpkg -x "$deb" "$OUT.partial/sysroot"; 
 PLATFORMS="--platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 --platform manylinux_2_17_aarch64"
 $PIP download --quiet --only-binary=:all: $PLATFORMS --python-version 3.11 --implementation cp --abi cp311 \
   --abi abi3 --abi none -d "$OUT.partial/wheels" \
-  "onnxruntime<=1.27" numpy tokenizers jinja2 safetensors tqdm click flatbuffers
+  "onnxruntime<=1.27" onnx numpy tokenizers jinja2 safetensors tqdm click flatbuffers
 $PIP install --quiet --no-deps --target "$OUT.partial/site" $PLATFORMS --implementation cp --abi cp311 \
   --abi abi3 --abi none --only-binary=:all: "$OUT.partial"/wheels/*.whl
 
