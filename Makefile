@@ -18,7 +18,7 @@ PY312 = $(shell for p in "$$(pyenv prefix 3.12.1 2>/dev/null)/bin/python3.12" "$
 VENV312  := .venv312
 STAMP312 := $(VENV312)/.installed-stamp
 
-.PHONY: setup demo test test-fast bench bench-collector clean venv312 arm64-env
+.PHONY: setup demo test test-fast bench bench-collector clean venv312 arm64-env node-client
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +45,19 @@ arm64-env: $(STAMP)
 	@PIP="$(BIN)/python -m pip" bash scripts/setup_arm64.sh build/arm64 || \
 	  echo "make arm64-env: arm64 emulation not set up; the arm64 test will be skipped"
 
+# The Node.js reference client's onnxruntime-node (stock CPU build inside the npm package).
+# --ignore-scripts: its install script fetches extra provider binaries from a host that is not
+# reachable here; the CPU library it needs ships in the package itself.
+node-client:
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then \
+	  (cd devices/node && npm install --ignore-scripts --no-package-lock --no-audit --no-fund --silent) || \
+	  echo "make node-client: npm install failed; the Node client test will be skipped"; \
+	else echo "make node-client: node/npm not found; the Node client test will be skipped"; fi
+
 demo: $(STAMP)
 	$(BIN)/python -m edgetune.demo --out demo-out
 
-test: $(STAMP) venv312 arm64-env
+test: $(STAMP) venv312 arm64-env node-client
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) venv312
@@ -62,4 +71,4 @@ bench-collector: $(STAMP)
 	$(BIN)/python bench/load.py --devices 1000 --concurrency 64
 
 clean:
-	rm -rf $(VENV) $(VENV312) build/arm64 demo-out bundle .pytest_cache
+	rm -rf $(VENV) $(VENV312) build/arm64 devices/node/node_modules demo-out bundle .pytest_cache
