@@ -1,8 +1,11 @@
-"""PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``) without torch.
+"""Ecosystem adapter folders (PEFT: ``adapter_config.json`` + ``adapter_model.safetensors``) without torch.
 
 ``write_peft_adapter`` produces what ``peft.PeftModel.from_pretrained(base, folder)`` loads with no
 missing or unexpected keys; ``read_peft_adapter`` imports a folder PEFT saved, checking its
-config and every tensor against the bundle before anything is used.
+config and every tensor against the bundle before anything is used. The file names, the config's
+checks, the key spelling and the tensors' layout are the method's (``MethodSpec.folder_*``):
+bottleneck adapters go to AdapterHub's layout (``adapter_config.json`` + ``adapter.safetensors``),
+prefix tuning to PEFT's one ``prompt_embeddings`` tensor, the same way.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ from edgetune.errors import DeltaError
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-# adapter_config.json fields that must agree with the bundle's method config, by config field.
-_LORA_FIELDS = {"r": "rank", "lora_alpha": "alpha", "use_rslora": "use_rslora"}
+
+
+def _spec(manifest: Manifest):
+    from edgetune.methods import get_method
+
+    return get_method(manifest.method["name"])
 
 
 def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray], force: bool = False) -> None:
@@ -35,6 +42,7 @@ def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.n
     """
     from safetensors.numpy import save_file
 
+    spec = _spec(manifest)
     folder = Path(folder)
     try:
         recover_dir(folder)  # a folder set aside by a write killed mid-swap is put back first
@@ -52,8 +60,9 @@ def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.n
         raise DeltaError(f"cannot write {folder}: {exc.strerror or exc}; nothing was written. Choose a writable folder.") from None
     try:
         config = dict(manifest.method["peft_config"])
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp / WEIGHTS),
+        (tmp / spec.folder_config_file).write_text(json.dumps(config, indent=2) + "\n")
+        tensors = spec.folder_tensors(manifest, tensors)
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp / spec.folder_weights),
                   metadata={"format": "pt", "edgetune_base_sha256": manifest.base_sha256})
         replace_dir(tmp, folder)
     except OSError as exc:
@@ -67,7 +76,8 @@ def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.n
 
 
 def read_peft_adapter(folder: Path, manifest: Manifest, fixed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Read a PEFT LoRA folder for ``manifest``'s bundle; every mismatch is reported at once.
+    """Read a saved adapter folder (PEFT, or the method's ecosystem) for ``manifest``'s bundle;
+    every mismatch is reported at once.
 
     ``fixed`` (PEFT key -> array): adapter tensors the bundle never trains (``--freeze-a``); the
     folder must hold them with exactly these values (training B against another A is meaningless).
@@ -75,27 +85,31 @@ def read_peft_adapter(folder: Path, manifest: Manifest, fixed: dict[str, np.ndar
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    spec = _spec(manifest)
     folder = Path(folder)
-    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise DeltaError(f"{str(folder)!r} is not a PEFT adapter folder: it needs {CONFIG} and {WEIGHTS} "
-                         "(save with `model.save_pretrained(folder)` from PEFT).")
+    config_path, weights_path = folder / spec.folder_config_file, folder / spec.folder_weights
+    if not config_path.is_file() or not weights_path.is_file():
+        raise DeltaError(f"{str(folder)!r} is not a {spec.ecosystem} adapter folder for a {spec.name} bundle: it needs "
+                         f"{config_path.name} and {weights_path.name} (save it with safetensors from {spec.ecosystem}).")
     try:
-        config = json.loads((folder / CONFIG).read_text())
+        config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
-        raise DeltaError(f"{folder / CONFIG}: not valid JSON ({exc}).") from None
-    problems = _config_problems(config, manifest)
+        raise DeltaError(f"{config_path}: not valid JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise DeltaError(f"{config_path}: expected a JSON object, got {type(config).__name__}.")
+    problems = spec.folder_config_problems(config, manifest)
     try:
-        raw = load_file(str(folder / WEIGHTS))
+        raw = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
-        raise DeltaError(f"{folder / WEIGHTS}: cannot read ({exc}).") from None
-    tensors = {_strip_adapter_name(k): v for k, v in raw.items()}
+        raise DeltaError(f"{weights_path}: cannot read ({exc}).") from None
+    tensors = {spec.folder_key(k): v for k, v in raw.items()}
     for key, value in (fixed or {}).items():
         theirs = tensors.pop(key, None)
         if theirs is None or theirs.shape != value.shape or not np.array_equal(theirs.astype(np.float32), value):
             what = "missing" if theirs is None else "not the bundle's fixed value"
             problems.append(f"{key} is {what} (this bundle freezes LoRA A at its seeded init; only adapters "
                             "trained from it fit)")
-    expected = manifest.trainable_shapes()
+    expected = spec.folder_shapes(manifest)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
@@ -108,26 +122,6 @@ def read_peft_adapter(folder: Path, manifest: Manifest, fixed: dict[str, np.ndar
         elif not np.isfinite(tensors[key]).all():
             problems.append(f"{key} holds NaN or Inf values")
     if problems:
-        raise DeltaError(f"PEFT adapter {str(folder)!r} does not fit bundle: " + "; ".join(problems) + ".")
-    return {k: tensors[k].astype(np.float32) for k in expected}
+        raise DeltaError(f"{spec.ecosystem} adapter {str(folder)!r} does not fit bundle: " + "; ".join(problems) + ".")
+    return spec.from_folder_tensors(manifest, {k: tensors[k].astype(np.float32) for k in expected})
 
-
-def _strip_adapter_name(key: str) -> str:
-    """PEFT saves without the adapter name; accept ``...lora_A.default.weight`` too."""
-    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-
-
-def _config_problems(config: dict, manifest: Manifest) -> list[str]:
-    ours = manifest.method["config"]
-    problems = []
-    if str(config.get("peft_type", "")).upper() != "LORA" or manifest.method["name"] != "lora":
-        problems.append(f"peft_type is {config.get('peft_type')!r}, the bundle's method is {manifest.method['name']!r}")
-        return problems
-    for theirs_key, ours_key in _LORA_FIELDS.items():
-        theirs = config.get(theirs_key, False if ours_key == "use_rslora" else None)
-        if theirs != ours[ours_key] and not (isinstance(theirs, (int, float)) and float(theirs) == float(ours[ours_key])):
-            problems.append(f"{theirs_key} is {theirs!r}, the bundle's is {ours[ours_key]!r}")
-    targets = config.get("target_modules") or []
-    if sorted(targets) != sorted(ours["targets"]):
-        problems.append(f"target_modules are {sorted(targets)}, the bundle's are {sorted(ours['targets'])}")
-    return problems

@@ -23,7 +23,8 @@ def _export(source: Path, out: Path, **kwargs) -> Path:
     from edgetune.methods import LoraConfig
 
     lora = LoraConfig(**{k: kwargs.pop(k) for k in ("rank", "alpha", "targets", "use_rslora", "freeze_a") if k in kwargs})
-    export_bundle(ExportOptions(source=str(source), out=out, method_config=lora, **kwargs))
+    kwargs.setdefault("method_config", lora)  # another method: method="adapter", method_config=AdapterConfig(...)
+    export_bundle(ExportOptions(source=str(source), out=out, **kwargs))
     return out
 
 

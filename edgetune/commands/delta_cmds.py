@@ -97,8 +97,10 @@ def delta_inspect(path, trusted, as_json):
 @click.option("--trusted-key", "trusted", type=PATH, multiple=True, help="Require a signature by one of these keys.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def to_peft(delta_path, bundle, out, since, trusted, force):
-    """Convert DELTA into a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    """Convert DELTA into a PEFT adapter folder (adapter_config.json + adapter_model.safetensors);
+    a bottleneck-adapter bundle's delta into AdapterHub's layout (adapter_config.json + adapter.safetensors)."""
     from edgetune.bundle import read_manifest
+    from edgetune.methods import get_method
     from edgetune.peft_io import write_peft_adapter
 
     from edgetune.fixed_adapter import read_fixed_peft
@@ -107,7 +109,7 @@ def to_peft(delta_path, bundle, out, since, trusted, force):
     tensors = {**read_fixed_peft(bundle, manifest),  # FFA-LoRA: lora_A comes from the bundle
                **_resolve(delta_path, manifest, since, trusted).by_peft}
     write_peft_adapter(out, manifest, tensors, force=force)
-    click.echo(f"wrote {out}: load with peft.PeftModel.from_pretrained(base_model, {str(out)!r})")
+    click.echo(f"wrote {out}: load with {get_method(manifest.method['name']).folder_load_hint.format(folder=str(out))}")
 
 
 @click.command(name="from-peft")
@@ -116,7 +118,8 @@ def to_peft(delta_path, bundle, out, since, trusted, force):
 @click.option("--state-dir", type=PATH, default=None, help="Training state folder (default: BUNDLE/train-state).")
 @click.option("--force", is_flag=True, help="Replace a training run that is already in the state folder.")
 def from_peft(folder, bundle, state_dir, force):
-    """Import a PEFT LoRA adapter FOLDER as the starting point of on-device training."""
+    """Import an adapter FOLDER saved by PEFT (or, for a bottleneck-adapter bundle, by AdapterHub's
+    adapters with use_safetensors=True) as the starting point of on-device training."""
     from edgetune.bundle import Bundle
     from edgetune.delta import AdapterTarget
     from edgetune.peft_io import read_peft_adapter

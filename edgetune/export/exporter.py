@@ -80,6 +80,8 @@ def export_bundle(opts: ExportOptions, report: Callable[[str], None] = lambda ms
     base_sha = source.sha256()
     report(f"loading {source.model_id} ({source.kind})")
     model, tokenizer = load_model(source)
+    if hasattr(method, "resolve_config"):  # a method whose config depends on the model (e.g. its width)
+        opts.method_config = method.resolve_config(model, opts.method_config)
     trainables = method.inject(model, opts.method_config)
     fixed = method.fixed(model, opts.method_config) if hasattr(method, "fixed") else []  # e.g. FFA-LoRA's A
     opts.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ Adding a method: a torch module in ``edgetune/export/methods/`` plus its spec re
 from __future__ import annotations
 
 from edgetune.errors import EdgetuneError
+from edgetune.methods.adapter import ADAPTER, AdapterConfig
 from edgetune.methods.base import CliOption, MethodConfig, MethodSpec
 from edgetune.methods.lora import LORA, LoraConfig
 
@@ -24,6 +25,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 
 register_method(LORA)
+register_method(ADAPTER)
 
 
 def method_names() -> list[str]:
@@ -52,5 +54,5 @@ def cli_options() -> list[CliOption]:
     return list(by_flag.values())
 
 
-__all__ = ["CliOption", "LoraConfig", "MethodConfig", "MethodSpec", "cli_options", "config_from_dict",
+__all__ = ["AdapterConfig", "CliOption", "LoraConfig", "MethodConfig", "MethodSpec", "cli_options", "config_from_dict",
            "get_method", "method_names", "register_method"]

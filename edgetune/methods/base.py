@@ -96,6 +96,10 @@ class MethodSpec:
     config_class: type[MethodConfig]
     layer_module: str  # the torch layer: edgetune.export.methods.<name>
     tensor_roles: tuple[str, ...]  # attribute names of the trainable tensors on one adapted layer
+    ecosystem: str = "PEFT"  # who loads the folder `to-peft` writes (messages name it)
+    folder_config_file: str = "adapter_config.json"  # that folder's files
+    folder_weights: str = "adapter_model.safetensors"
+    folder_load_hint: str = "peft.PeftModel.from_pretrained(base_model, {folder!r})"  # how the ecosystem loads it
 
     def config(self, manifest: "Manifest") -> MethodConfig:
         return self.config_class.from_dict(manifest.method.get("config"), where="the bundle's method config")
@@ -132,3 +136,12 @@ class MethodSpec:
     def peft_config(self, config: MethodConfig, base_model: str) -> dict:
         """``adapter_config.json`` as PEFT writes it for ``config``."""
         raise NotImplementedError
+
+    # --- the ecosystem folder (`to-peft` / `from-peft`, edgetune.peft_io) ----------------------------
+    def folder_key(self, key: str) -> str:
+        """A key as found in a saved folder -> the manifest's ``peft_key`` (e.g. without an adapter name)."""
+        return key
+
+    def folder_config_problems(self, config: dict, manifest: "Manifest") -> list[str]:
+        """What in a saved folder's config disagrees with the bundle's method config (empty: it fits)."""
+        return []

@@ -14,6 +14,8 @@ import numpy as np
 from edgetune.methods.base import MethodConfig, MethodSpec
 
 TENSOR_ROLES = ("lora_A", "lora_B")  # declared once: the torch layer's parameters and the manifest's tensors
+# adapter_config.json fields that must agree with the bundle's method config, by config field.
+_PEFT_FIELDS = {"r": "rank", "lora_alpha": "alpha", "use_rslora": "use_rslora"}
 
 
 def _is_int(v) -> bool:
@@ -99,6 +101,24 @@ class LoraSpec(MethodSpec):
     def weight_delta(self, config: LoraConfig, layer: dict[str, np.ndarray]) -> np.ndarray:
         """W' = W + scaling * B @ A: (out, r) @ (r, in) -> (out, in)."""
         return config.scaling * (layer["lora_B"] @ layer["lora_A"])
+
+    def folder_key(self, key: str) -> str:
+        """PEFT saves without the adapter name; accept ``...lora_A.default.weight`` too."""
+        return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+    def folder_config_problems(self, config: dict, manifest) -> list[str]:
+        ours = manifest.method["config"]
+        problems = []
+        if str(config.get("peft_type", "")).upper() != "LORA":
+            return [f"peft_type is {config.get('peft_type')!r}, the bundle's method is 'lora'"]
+        for theirs_key, ours_key in _PEFT_FIELDS.items():
+            theirs = config.get(theirs_key, False if ours_key == "use_rslora" else None)
+            if theirs != ours[ours_key] and not (isinstance(theirs, (int, float)) and float(theirs) == float(ours[ours_key])):
+                problems.append(f"{theirs_key} is {theirs!r}, the bundle's is {ours[ours_key]!r}")
+        targets = config.get("target_modules") or []
+        if sorted(targets) != sorted(ours["targets"]):
+            problems.append(f"target_modules are {sorted(targets)}, the bundle's are {sorted(ours['targets'])}")
+        return problems
 
     def peft_config(self, config: LoraConfig, base_model: str) -> dict:
         return {

@@ -1,0 +1,151 @@
+"""Bottleneck adapters' config and spec (no torch), Houlsby placement.
+
+After the attention and/or MLP block of every decoder layer, on the block's output h (hidden):
+
+    h' = h + up(act(down(h)))       down: (dim, hidden) + bias (dim,), up: (hidden, dim) + bias (hidden,)
+
+and the decoder layer then adds its residual as usual (x + h'). ``up`` and its bias start at zero,
+so step 0 is the base model, and "adapter off" is up = 0.
+
+This is AdapterHub ``adapters``' bottleneck adapter with ``mh_adapter`` (after attention) /
+``output_adapter`` (after the MLP), ``original_ln_before=False``, ``original_ln_after=True``,
+``residual_before_ln=True``, no adapter layer norms, scaling 1: for Llama (no layer norm passed to the
+adapter) it computes exactly the formula above, so ``to-peft`` writes a folder that
+``model.load_adapter(folder, use_safetensors=True)`` loads (``adapter_config.json`` + ``adapter.safetensors``,
+keys ``model.layers.{i}.{attention,output}_adapters.adapters.<name>.adapter_{down.0,up}.{weight,bias}``).
+The torch layer is ``edgetune.export.methods.adapter.BottleneckAdapter``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgetune.methods.base import MethodConfig, MethodSpec
+
+TENSOR_ROLES = ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")  # the torch layer's parameters
+PLACES = {"attn": "self_attn", "mlp": "mlp"}  # --adapter-where name -> the decoder layer's block attribute
+ACTIVATIONS = ("swish", "relu")  # AdapterHub's names (transformers' get_activation): swish = SiLU
+DEFAULT_DIM = 16  # when neither --adapter-dim nor --reduction-factor is given
+ADAPTERHUB_NAME = "edgetune"  # the adapter name inside the AdapterHub keys and config
+# AdapterHub keys of the four roles, under model.layers.{i}.{attention,output}_adapters.adapters.<name>.
+_HUB_ROLE = {"adapter_down": "adapter_down.0.weight", "adapter_down_bias": "adapter_down.0.bias",
+             "adapter_up": "adapter_up.weight", "adapter_up_bias": "adapter_up.bias"}
+_HUB_PLACE = {"self_attn": "attention_adapters", "mlp": "output_adapters"}
+_HUB_KEY = re.compile(r"^(?P<layers>.+)\.(?P<place>attention_adapters|output_adapters)\.adapters\.[^.]+\.(?P<role>.+)$")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    """Bottleneck adapters after the attention and/or MLP block of each layer."""
+
+    dim: int = field(default=0, metadata={
+        "help": f"Bottleneck size (down-projection width); 0: hidden / --reduction-factor, or {DEFAULT_DIM} if neither is given.",
+        "cli": "--adapter-dim"})
+    reduction_factor: int = field(default=0, metadata={
+        "help": "Bottleneck size as hidden size / this factor (instead of --adapter-dim).", "cli": "--reduction-factor"})
+    where: tuple[str, ...] = field(default=("mlp", "attn"), metadata={
+        "help": "Comma-separated blocks to adapt: mlp, attn.", "cli": "--adapter-where"})
+    non_linearity: str = field(default="swish", metadata={"help": f"Activation between the projections: {', '.join(ACTIVATIONS)}."})
+    seed: int = field(default=0, metadata={"help": "Seed for the initial down-projections."})
+    hidden_size: int = field(default=0, metadata={"help": "The model's width; the exporter fills it in (0: not yet known)."})
+
+    name = "adapter"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.where, (list, tuple)):
+            self.where = tuple(self.where)
+        super().__post_init__()
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not _is_int(self.dim) or self.dim < 0:
+            problems.append(f"`dim` (--adapter-dim) must be a positive integer, got {self.dim!r}")
+        if not _is_int(self.reduction_factor) or self.reduction_factor < 0:
+            problems.append(f"`reduction_factor` (--reduction-factor) must be a positive integer, got {self.reduction_factor!r}")
+        elif _is_int(self.dim) and self.dim and self.reduction_factor:
+            problems.append("give --adapter-dim or --reduction-factor, not both")
+        if (not isinstance(self.where, tuple) or not self.where or len(set(self.where)) != len(self.where)
+                or any(w not in PLACES for w in self.where)):
+            problems.append(f"`where` (--adapter-where) must list blocks among {', '.join(PLACES)}, got {self.where!r}")
+        if self.non_linearity not in ACTIVATIONS:
+            problems.append(f"`non_linearity` must be one of {', '.join(ACTIVATIONS)}, got {self.non_linearity!r}")
+        if not _is_int(self.seed):
+            problems.append(f"`seed` must be an integer, got {self.seed!r}")
+        if not _is_int(self.hidden_size) or self.hidden_size < 0:
+            problems.append(f"`hidden_size` must be a non-negative integer, got {self.hidden_size!r}")
+        return problems
+
+    @property
+    def bottleneck(self) -> int:
+        """The down-projection width (``hidden_size`` must be known when a reduction factor sets it)."""
+        if self.dim:
+            return self.dim
+        if self.reduction_factor:
+            return max(1, self.hidden_size // self.reduction_factor)
+        return DEFAULT_DIM
+
+
+class AdapterSpec(MethodSpec):
+    name = "adapter"
+    config_class = AdapterConfig
+    layer_module = "edgetune.export.methods.adapter"
+    tensor_roles = TENSOR_ROLES
+    ecosystem = "AdapterHub adapters"
+    folder_weights = "adapter.safetensors"
+    folder_load_hint = "adapters.init(model); model.load_adapter({folder!r}, use_safetensors=True, set_active=True)"
+
+    def summary(self, config: AdapterConfig) -> str:
+        return f"adapter dim={config.bottleneck} ({config.non_linearity}) after {','.join(config.where)}"
+
+    def adapter_off(self, manifest, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """up = 0 and its bias = 0 (down as given): every adapter adds zero, so each block is its base block."""
+        return {t.graph_name: np.zeros(t.shape, np.float32) if self.role(t).startswith("adapter_up")
+                else np.array(adapter[t.graph_name], dtype=np.float32)
+                for t in self.trainable(manifest)}
+
+    def peft_key(self, module_path: str, role: str) -> str:
+        """``model.layers.0.self_attn`` + ``adapter_down`` -> AdapterHub's
+        ``model.layers.0.attention_adapters.adapters.edgetune.adapter_down.0.weight``."""
+        layers, _, block = module_path.rpartition(".")
+        return f"{layers}.{_HUB_PLACE[block]}.adapters.{ADAPTERHUB_NAME}.{_HUB_ROLE[role]}"
+
+    def folder_key(self, key: str) -> str:
+        """An AdapterHub key saved under any adapter name -> the name edgetune's keys use."""
+        m = _HUB_KEY.match(key)
+        return f"{m['layers']}.{m['place']}.adapters.{ADAPTERHUB_NAME}.{m['role']}" if m else key
+
+    def peft_config(self, config: AdapterConfig, base_model: str) -> dict:
+        """AdapterHub's ``adapter_config.json`` as ``save_adapter`` writes it (Llama, the exported width)."""
+        return {
+            "config": {
+                "architecture": None, "mh_adapter": "attn" in config.where, "output_adapter": "mlp" in config.where,
+                "reduction_factor": config.hidden_size / config.bottleneck,  # AdapterHub: dim = int(hidden // factor)
+                "non_linearity": config.non_linearity, "original_ln_before": False, "original_ln_after": True,
+                "residual_before_ln": True, "adapter_residual_before_ln": False, "ln_before": False, "ln_after": False,
+                "init_weights": "mam_adapter", "is_parallel": False, "scaling": 1.0, "use_gating": False,
+                "dropout": 0.0, "phm_layer": False, "leave_out": [], "stochastic_depth": 0.0,
+            },
+            "hidden_size": config.hidden_size, "model_class": "LlamaForCausalLM", "model_name": base_model,
+            "model_type": "llama", "name": ADAPTERHUB_NAME,
+            "version": "adapters.1.3.0",
+        }
+
+    def folder_config_problems(self, config: dict, manifest) -> list[str]:
+        ours = manifest.method["peft_config"]["config"]
+        theirs = config.get("config") if isinstance(config.get("config"), dict) else {}
+        problems = []
+        for key in ("mh_adapter", "output_adapter", "non_linearity", "original_ln_before", "original_ln_after",
+                    "residual_before_ln", "ln_before", "ln_after", "is_parallel", "use_gating", "scaling"):
+            if theirs.get(key) != ours[key]:
+                problems.append(f"config.{key} is {theirs.get(key)!r}, the bundle's is {ours[key]!r}")
+        return problems
+
+
+ADAPTER = AdapterSpec()
