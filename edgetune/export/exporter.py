@@ -7,6 +7,7 @@ and an existing bundle (``--force``) stays at ``out`` until the new one is compl
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -141,8 +142,13 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     portable = export_portable(tmp, trainable_names, report)
     report("exporting the generation graph (key/value cache, adapter as inputs)")
     # Fixed adapter tensors are generation inputs like the trained ones (fed from the bundle on the device).
-    generation = export_generation_graph(model, trainables + fixed, tmp / "generation_model.onnx",
-                                         quantize=opts.quantize == "int8")
+    # A method may trace a different view of the model for generation (prefix: the base decoder, its
+    # tensors arriving as the initial cache); by default every adapter tensor becomes a graph input.
+    view = getattr(method, "generation_view", None)
+    adapter_tensors = trainables + fixed
+    with view(model, adapter_tensors) if view else contextlib.nullcontext(adapter_tensors) as generation_inputs:
+        generation = export_generation_graph(model, generation_inputs, tmp / "generation_model.onnx",
+                                             quantize=opts.quantize == "int8")
     tokenizer_info = save_tokenizer(tokenizer, model, tmp)
 
     shape = {t.name: list(t.dims) for t in graph.graph.initializer}

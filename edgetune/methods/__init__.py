@@ -15,6 +15,7 @@ from edgetune.errors import EdgetuneError
 from edgetune.methods.adapter import ADAPTER, AdapterConfig
 from edgetune.methods.base import CliOption, MethodConfig, MethodSpec
 from edgetune.methods.lora import LORA, LoraConfig
+from edgetune.methods.prefix import PREFIX, PrefixConfig
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
@@ -26,6 +27,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 register_method(LORA)
 register_method(ADAPTER)
+register_method(PREFIX)
 
 
 def method_names() -> list[str]:
@@ -55,4 +57,4 @@ def cli_options() -> list[CliOption]:
 
 
 __all__ = ["AdapterConfig", "CliOption", "LoraConfig", "MethodConfig", "MethodSpec", "cli_options", "config_from_dict",
-           "get_method", "method_names", "register_method"]
+           "get_method", "method_names", "PrefixConfig", "register_method"]

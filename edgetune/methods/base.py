@@ -145,3 +145,21 @@ class MethodSpec:
     def folder_config_problems(self, config: dict, manifest: "Manifest") -> list[str]:
         """What in a saved folder's config disagrees with the bundle's method config (empty: it fits)."""
         return []
+
+    def folder_tensors(self, manifest: "Manifest", tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Trainable tensors by peft key -> the tensors the folder holds (by default the same)."""
+        return tensors
+
+    def folder_shapes(self, manifest: "Manifest") -> dict[str, tuple]:
+        """Key -> shape of what a saved folder must hold."""
+        return manifest.trainable_shapes()
+
+    def from_folder_tensors(self, manifest: "Manifest", tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inverse of ``folder_tensors`` (validated tensors) -> trainable tensors by peft key."""
+        return tensors
+
+    # --- generation ------------------------------------------------------------------------------
+    def initial_past(self, manifest: "Manifest", adapter: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+        """The generation graph's initial key/value cache for ``adapter`` (one (1, kv_heads, n, head_dim)
+        array per past input, in the manifest's order), or None: an empty cache."""
+        return None

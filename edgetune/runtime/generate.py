@@ -48,9 +48,13 @@ class Generator:
         if ids.ndim != 2 or mask.shape != ids.shape or ids.shape[1] == 0:
             raise EdgetuneError(f"`input_ids` and `attention_mask` must both be (batch, tokens) with tokens > 0, "
                                 f"got {ids.shape} and {mask.shape}.")
-        # Positions count real tokens (as transformers' generate does); padding gets a dummy 1.
-        positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
-        logits, _ = self._step(ids, mask, positions, self._empty_past(ids.shape[0]), self._adapter_feeds(adapter))
+        # Positions count real tokens (as transformers' generate does), after any initial cache; padding gets a dummy 1.
+        feeds = self._adapter_feeds(adapter)  # checks the adapter first
+        past = self._initial_past(ids.shape[0], adapter)
+        start = past[0].shape[2]
+        positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1 + start, 1)
+        mask = np.concatenate([np.ones((ids.shape[0], start), np.int64), mask], axis=1)
+        logits, _ = self._step(ids, mask, positions, past, feeds)
         return logits
 
     def generate(self, prompt_ids, adapter: dict[str, np.ndarray], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -66,8 +70,8 @@ class Generator:
         feeds = self._adapter_feeds(adapter)
         stop = {int(s) for s in stop_ids}
         rng = np.random.default_rng(seed)
-        past = self._empty_past(1)
-        ids, start, new = prompt[None, :], 0, []  # first step: the whole prompt; then one token per step
+        past = self._initial_past(1, adapter)
+        ids, start, new = prompt[None, :], past[0].shape[2], []  # first step: the whole prompt; then one token per step
         for _ in range(max_new_tokens):
             end = start + ids.shape[1]
             logits, past = self._step(ids, np.ones((1, end), np.int64), np.arange(start, end, dtype=np.int64)[None, :],
@@ -86,7 +90,13 @@ class Generator:
         adapter = {**self.fixed, **adapter}
         return {name: np.ascontiguousarray(adapter[g], dtype=np.float32) for name, g in self.info.adapter_inputs.items()}
 
-    def _empty_past(self, batch: int) -> list[np.ndarray]:
+    def _initial_past(self, batch: int, adapter: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The cache before the first token: empty, or what the method makes of ``adapter`` (prefix tuning)."""
+        from edgetune.methods import get_method
+
+        given = get_method(self.manifest.method["name"]).initial_past(self.manifest, adapter)
+        if given is not None:
+            return [np.ascontiguousarray(np.broadcast_to(p, (batch, *p.shape[1:])), np.float32) for p in given]
         shape = (batch, self.info.num_kv_heads, 0, self.info.head_dim)  # (B, kv_heads, past=0, head_dim)
         return [np.zeros(shape, np.float32) for _ in self.info.past_inputs]
 

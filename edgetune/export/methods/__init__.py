@@ -5,9 +5,12 @@ summary) is its spec in the torch-free registry ``edgetune.methods``; the spec n
 here (``MethodSpec.layer_module``), which registers itself with ``@register`` on import and supplies
   * ``inject(model, config) -> list[Trainable]``: wraps the target layers of a torch model and
     returns the DECLARED trainable tensors (module path, attribute, PEFT key) — never searched for,
-  * ``peft_config(config, base_model) -> dict``: the spec's, for the exporter.
-
-Bottleneck adapters, prefix tuning and full fine-tuning slot in as further modules here.
+  * ``peft_config(config, base_model) -> dict``: the spec's, for the exporter;
+and may supply
+  * ``resolve_config(model, config) -> config``: the config with what depends on the model filled in
+    (its width, layers, heads), before ``inject``;
+  * ``generation_view(model, trainables)``: a context manager yielding the trainables that become
+    generation-graph inputs while the model is traced for generation (default: all of them).
 """
 
 from __future__ import annotations
