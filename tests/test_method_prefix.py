@@ -185,3 +185,22 @@ def test_folded_prefix_cannot_start_a_projection_bundle(export_tiny, tmp_path):
     assert set(read_peft_adapter(tmp_path / "p", manifest)) == {"prompt_embeddings"}
     with pytest.raises(DeltaError, match="reparameterisation MLP"):
         read_peft_adapter(tmp_path / "p", read_manifest(projected))
+
+
+def test_cached_decoding_matches_full_forwards(export_tiny):
+    """Greedy decoding with the prefix as initial cache picks what full forwards over the growing text pick."""
+    from edgetune.runtime.adapter_source import initial_adapter
+    from edgetune.runtime.generate import Generator
+
+    bundle = export_tiny(quantize="none", method="prefix", method_config=CONFIGS["m4"])
+    opened = Bundle.open(bundle)
+    adapter = initial_adapter(opened)
+    generator = Generator(opened)
+    prompt = np.array([5, 9, 14, 3, 22], np.int64)
+    new = generator.generate(prompt, adapter, max_new_tokens=5)
+    assert len(new) == 5
+    text = list(prompt)
+    for token in new:
+        ids = np.array([text], np.int64)
+        assert int(np.argmax(generator.logits(ids, np.ones_like(ids), adapter)[0, -1])) == token
+        text.append(int(token))

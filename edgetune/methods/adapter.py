@@ -53,7 +53,7 @@ class AdapterConfig(MethodConfig):
     where: tuple[str, ...] = field(default=("mlp", "attn"), metadata={
         "help": "Comma-separated blocks to adapt: mlp, attn.", "cli": "--adapter-where"})
     non_linearity: str = field(default="swish", metadata={"help": f"Activation between the projections: {', '.join(ACTIVATIONS)}."})
-    seed: int = field(default=0, metadata={"help": "Seed for the initial down-projections."})
+    seed: int = field(default=0, metadata={"help": "Seed for the initial trainable tensors (lora: A; adapter: down-projections; prefix: the vectors).", "cli": "--seed"})
     hidden_size: int = field(default=0, metadata={"help": "The model's width; the exporter fills it in (0: not yet known)."})
 
     name = "adapter"

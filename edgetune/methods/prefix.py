@@ -48,7 +48,7 @@ class PrefixConfig(MethodConfig):
     projection: int = field(default=0, metadata={
         "help": "Train through PEFT's reparameterisation MLP of this hidden size (0: train the vectors directly); "
                 "folded into plain vectors for deltas and generation.", "cli": "--prefix-projection"})
-    seed: int = field(default=0, metadata={"help": "Seed for the initial prefix (normal, as PEFT's embedding)."})
+    seed: int = field(default=0, metadata={"help": "Seed for the initial prefix (normal, as PEFT's embedding).", "cli": "--seed"})
     num_layers: int = field(default=0, metadata={"help": "Filled in by the exporter: the model's layers."})
     kv_heads: int = field(default=0, metadata={"help": "Filled in by the exporter: key/value heads."})
     head_dim: int = field(default=0, metadata={"help": "Filled in by the exporter: head size."})
