@@ -48,7 +48,10 @@ class PrefixConfig(MethodConfig):
     projection: int = field(default=0, metadata={
         "help": "Train through PEFT's reparameterisation MLP of this hidden size (0: train the vectors directly); "
                 "folded into plain vectors for deltas and generation.", "cli": "--prefix-projection"})
-    seed: int = field(default=0, metadata={"help": "Seed for the initial prefix (normal, as PEFT's embedding).", "cli": "--seed"})
+    seed: int = field(default=0, metadata={"help": "Seed for the initial prefix.", "cli": "--seed"})
+    init: str = field(default="tokens", metadata={
+        "help": "tokens: the base model's own keys/values of m random vocabulary tokens (without projection), so the "
+                "prefix starts as a short real text; random: normal(0, 1) vectors, as PEFT's embedding."})
     num_layers: int = field(default=0, metadata={"help": "Filled in by the exporter: the model's layers."})
     kv_heads: int = field(default=0, metadata={"help": "Filled in by the exporter: key/value heads."})
     head_dim: int = field(default=0, metadata={"help": "Filled in by the exporter: head size."})
@@ -62,6 +65,8 @@ class PrefixConfig(MethodConfig):
             problems.append(f"`num_virtual_tokens` (--num-virtual-tokens) must be between 1 and 1024, got {self.num_virtual_tokens!r}")
         if not _is_int(self.projection) or self.projection < 0:
             problems.append(f"`projection` (--prefix-projection) must be 0 or a positive hidden size, got {self.projection!r}")
+        if self.init not in ("tokens", "random"):
+            problems.append(f"`init` must be 'tokens' or 'random', got {self.init!r}")
         for key in ("seed", "num_layers", "kv_heads", "head_dim", "hidden_size"):
             value = getattr(self, key)
             if not _is_int(value) or (key != "seed" and value < 0):

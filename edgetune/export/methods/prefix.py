@@ -122,6 +122,22 @@ def _begin_and_shift_positions(encoder: PrefixEncoder):
     return hook
 
 
+def _token_prefix(model: nn.Module, config: PrefixConfig, generator: torch.Generator) -> torch.Tensor:
+    """(m, L*2*kv*hd): the base model's cached keys/values of m random vocabulary tokens at positions
+    0..m-1, so the prefix starts as a real (if random) text before the real tokens at m, m+1, ..."""
+    m = config.num_virtual_tokens
+    ids = torch.randint(0, model.config.vocab_size, (1, m), generator=generator)
+    was_training = model.training
+    model.eval()
+    cache = model(input_ids=ids, use_cache=True).past_key_values
+    model.train(was_training)
+    grid = torch.empty(m, config.num_layers * 2, config.kv_heads, config.head_dim)
+    for i in range(config.num_layers):
+        keys, values = cache[i][0][0], cache[i][1][0]  # (kv_heads, m, head_dim)
+        grid[:, 2 * i], grid[:, 2 * i + 1] = keys.transpose(0, 1), values.transpose(0, 1)
+    return grid.reshape(m, -1)
+
+
 class _Prefix:
     name = SPEC.name
     config_class = PrefixConfig
@@ -144,7 +160,11 @@ class _Prefix:
             raise ExportError(f"prefix config is for {config.num_layers} layers, the model has {len(layers)}.")
         for p in model.parameters():
             p.requires_grad_(False)
-        encoder = PrefixEncoder(config, torch.Generator().manual_seed(config.seed))
+        generator = torch.Generator().manual_seed(config.seed)
+        encoder = PrefixEncoder(config, generator)
+        if config.init == "tokens" and not config.projection:
+            with torch.no_grad():
+                encoder.prompt_embeddings.copy_(_token_prefix(model, config, generator))
         setattr(model, MODULE, encoder)
         for i, layer in enumerate(layers):
             layer.self_attn = PrefixAttention(layer.self_attn, encoder, i)
