@@ -16,6 +16,7 @@ from tests.test_export import _batch, _ort_step, _rel
 
 pytest.importorskip("adapters")
 RTOL = 1e-4
+METHOD = "adapter"
 CONFIGS = {
     "both-swish-dim8": AdapterConfig(dim=8),
     "mlp-relu-rf16": AdapterConfig(reduction_factor=16, where=("mlp",), non_linearity="relu"),
@@ -185,3 +186,21 @@ def test_folder_for_another_config_is_refused(export_tiny, tmp_path):
         read_peft_adapter(tmp_path / "hub", read_manifest(other))
     text = str(info.value)
     assert "AdapterHub" in text and "mh_adapter" in text and "non_linearity" in text and "unexpected tensors" in text
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_portable_graph_gives_the_training_backends_loss_and_gradients(export_tiny, name):
+    """The stock-onnxruntime graph (edgetune/export/portable/) covers this method's operators."""
+    from tests.test_memory import _loss_and_grads, _start
+    from tests.test_portable_graph import _portable
+
+    bundle = export_tiny(quantize="int8", method=METHOD, method_config=CONFIGS[name])
+    manifest = read_manifest(bundle)
+    assert manifest.portable["supported"] and manifest.portable["unsupported"] == []
+    batch, adapter = _batch(manifest), _start(bundle)
+    ref_loss, ref_grads = _loss_and_grads(bundle, batch, adapter)
+    loss, grads, _ = _portable(bundle, manifest, batch, adapter)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for t, ref in ref_grads.items():
+        assert np.abs(ref).max() > 0, t
+        np.testing.assert_allclose(grads[t], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=t)

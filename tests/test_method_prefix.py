@@ -16,6 +16,7 @@ from edgetune.methods import PrefixConfig
 from tests.test_export import _batch, _ort_step, _rel
 
 RTOL = 1e-4
+METHOD = "prefix"
 CONFIGS = {"m4": PrefixConfig(num_virtual_tokens=4), "m3-projection24": PrefixConfig(num_virtual_tokens=3, projection=24)}
 # PEFT's PrefixEncoder parameter -> our role
 PEFT_PARAMS = {"embedding.weight": "embedding", "transform.0.weight": "transform_in", "transform.0.bias": "transform_in_bias",
@@ -204,3 +205,21 @@ def test_cached_decoding_matches_full_forwards(export_tiny):
         ids = np.array([text], np.int64)
         assert int(np.argmax(generator.logits(ids, np.ones_like(ids), adapter)[0, -1])) == token
         text.append(int(token))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_portable_graph_gives_the_training_backends_loss_and_gradients(export_tiny, name):
+    """The stock-onnxruntime graph (edgetune/export/portable/) covers this method's operators."""
+    from tests.test_memory import _loss_and_grads, _start
+    from tests.test_portable_graph import _portable
+
+    bundle = export_tiny(quantize="int8", method=METHOD, method_config=CONFIGS[name])
+    manifest = read_manifest(bundle)
+    assert manifest.portable["supported"] and manifest.portable["unsupported"] == []
+    batch, adapter = _batch(manifest), _start(bundle)
+    ref_loss, ref_grads = _loss_and_grads(bundle, batch, adapter)
+    loss, grads, _ = _portable(bundle, manifest, batch, adapter)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for t, ref in ref_grads.items():
+        assert np.abs(ref).max() > 0, t
+        np.testing.assert_allclose(grads[t], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=t)

@@ -140,6 +140,9 @@ CASES = {
     # QuickGeluGrad: SiLU (alpha 1) and the default alpha, over a wide range of x
     "quickgelu-silu": ("QuickGeluGrad", {"dy": _f(3, 8), "x": _f(3, 8, scale=6.0)}, None, ["dx"], {"alpha": 1.0}),
     "quickgelu-default": ("QuickGeluGrad", {"dy": _f(3, 8), "x": _f(3, 8, scale=6.0)}, None, ["dx"], {}),
+    # ReluGrad / TanhGrad (dY, Y): bottleneck adapters' relu, prefix tuning's reparameterisation MLP
+    "relu-grad": ("ReluGrad", {"dy": _f(3, 8), "y": np.maximum(_f(3, 8, scale=2.0), 0)}, None, ["dx"], {}),
+    "tanh-grad": ("TanhGrad", {"dy": _f(3, 8), "y": np.tanh(_f(3, 8, scale=2.0))}, None, ["dx"], {}),
     # SimplifiedLayerNormalizationGrad: last axis; two normalized axes (the schema requires both outputs)
     "rmsnorm-last": (RMS, _norm_case((2, 3, 16), -1), None, ["dx", "dscale"], {"axis": -1, "epsilon": 1e-6}),
     "rmsnorm-two-axes": (RMS, _norm_case((2, 3, 8), 1), None, ["dx", "dscale"], {"axis": 1}),

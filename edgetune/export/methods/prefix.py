@@ -50,7 +50,8 @@ class PrefixEncoder(nn.Module):
             self.roles = ("embedding", "transform_in", "transform_in_bias", "transform_out", "transform_out_bias")
         self.config = config
         self.enabled = True
-        self.current: torch.Tensor | None = None  # the table of the running forward
+        self.current: torch.Tensor | None = None  # the table of the running forward (m, W)
+        self.mask: torch.Tensor | None = None  # its additive mask (1, 1, 1, m): 0, or -inf for an all-zero row
 
     def table(self) -> torch.Tensor:  # (m, W)
         if not self.projection:

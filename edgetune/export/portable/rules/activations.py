@@ -1,8 +1,9 @@
-"""Rules for activation gradients: SoftmaxGrad_13, QuickGeluGrad."""
+"""Rules for activation gradients: SoftmaxGrad_13, QuickGeluGrad, ReluGrad, TanhGrad."""
 
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from edgetune.export.portable.emit import Emitter, attr
 from edgetune.export.portable.rules import rule
@@ -26,3 +27,19 @@ def quick_gelu_grad(node, e: Emitter) -> None:
     s = e.op("Sigmoid", [ax])
     slope = e.op("Add", [e.const(1.0, np.float32), e.op("Mul", [ax, e.op("Sub", [e.const(1.0, np.float32), s])])])
     e.op("Mul", [e.op("Mul", [dy, s]), slope], out=e.output(0))
+
+
+@rule("ReluGrad")
+def relu_grad(node, e: Emitter) -> None:
+    """ReluGrad(dY, Y) (Y = Relu(X); e.g. a bottleneck adapter): dX = dY where Y > 0, else 0."""
+    dy, y = e.input(0), e.input(1)
+    positive = e.op("Cast", [e.op("Greater", [y, e.const(0.0, np.float32)])], to=TensorProto.FLOAT)
+    e.op("Mul", [dy, positive], out=e.output(0))
+
+
+@rule("TanhGrad")
+def tanh_grad(node, e: Emitter) -> None:
+    """TanhGrad(dY, Y) (Y = Tanh(X); e.g. prefix tuning's reparameterisation MLP): dX = dY * (1 - Y^2)."""
+    dy, y = e.input(0), e.input(1)
+    e.op("Mul", [dy, e.op("Sub", [e.const(1.0, np.float32), e.op("Mul", [y, y])])], out=e.output(0))
+
