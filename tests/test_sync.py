@@ -188,7 +188,7 @@ def test_sigkill_during_upload_resends_the_same_bytes_under_the_same_id_without_
     """The device is killed while its upload is in flight (the collector holds the request). The
     re-run, on a device without torch, sends byte-identical data under the same update id."""
     hold = threading.Event()
-    args = ["sync", bundle, "--server", None, "--token", "t0ken", "--device", "phone-1", "--data", data,
+    args = ["sync", bundle, "--server", None, "--token", "t0ken", "--device-id", "phone-1", "--data", data,
             "--steps", 2, "--batch-size", 2, "--quiet", "--retries", 2]
     with _collector(bundle, hold_push=hold) as server:
         args[3] = server.url
@@ -240,7 +240,7 @@ def test_three_devices_two_rounds_through_the_real_collector(bundle, data, tmp_p
         for n in (0, 1):
             glob = get_global(server.url, n)
             for i, d in enumerate(devices):
-                p = _cli("sync", folders[d], "--server", server.url, "--token", tokens[d], "--device", d,
+                p = _cli("sync", folders[d], "--server", server.url, "--token", tokens[d], "--device-id", d,
                          "--data", data, "--steps", 1, "--batch-size", 2, "--seed", i, "--quiet",
                          *(["--kind", "full"] if i == 0 else []))
                 out, err = p.communicate(timeout=240)
@@ -251,7 +251,7 @@ def test_three_devices_two_rounds_through_the_real_collector(bundle, data, tmp_p
                     server_global_bytes(server.url, n)
             status = _wait_round(server.url, n + 1)
             assert status["rounds"][n]["accepted"] == 3 and status["refused_total"] == 0
-        p = _cli("sync", folders["dev-0"], "--server", server.url, "--token", tokens["dev-0"], "--device", "dev-0",
+        p = _cli("sync", folders["dev-0"], "--server", server.url, "--token", tokens["dev-0"], "--device-id", "dev-0",
                  "--data", data, "--steps", 1, "--quiet")
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0 and "round 2: pushed" in out, err

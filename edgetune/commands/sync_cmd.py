@@ -13,7 +13,7 @@ PATH = click.Path(path_type=Path)
 @click.argument("bundle", type=PATH)
 @click.option("--server", required=True, help="Collector URL, e.g. http://127.0.0.1:8750.")
 @click.option("--token", default=None, help="This device's token (from `edgetune collect devices add`).")
-@click.option("--device", default=None, help="This device's id as registered with the collector.")
+@click.option("--device-id", "device", default=None, help="This device's id as registered with the collector (`collect devices add ID`).")
 @click.option("--sign", "sign_key", type=PATH, default=None,
               help="Ed25519 private key (`edgetune keygen`); a collector that trusts its public key needs no token.")
 @click.option("--data", type=PATH, required=True, help="Training data on this device, JSONL.")
