@@ -10,12 +10,12 @@ import click
 PATH = click.Path(path_type=Path)
 
 
-def _bundle_adapter(bundle: Path, state_dir: Path | None):
+def _bundle_adapter(bundle: Path, state_dir: Path | None, checkpoint: str = "latest"):
     from edgetune.bundle import Bundle
     from edgetune.runtime.adapter_source import latest_adapter
 
     opened = Bundle.open(bundle)
-    return opened.manifest, latest_adapter(opened, state_dir)
+    return opened.manifest, latest_adapter(opened, state_dir, checkpoint=checkpoint)
 
 
 def _resolve(path: Path, manifest, since: Path | None, trusted: tuple[Path, ...]):
@@ -43,8 +43,10 @@ class _DeltaCommand(click.Command):
 @click.option("--sign", "sign_key", type=PATH, default=None, help="Ed25519 private key from `edgetune keygen`.")
 @click.option("--round", "round_id", default=None, help="Round id recorded in the delta.")
 @click.option("--state-dir", type=PATH, default=None, help="Training state folder (default: BUNDLE/train-state).")
+@click.option("--checkpoint", type=click.Choice(["latest", "best"]), default="latest", show_default=True,
+              help="Ship the latest trained adapter, or the best by the held-out metric (train --eval-every).")
 @click.pass_context
-def delta(ctx, bundle, out, codec, since, sign_key, round_id, state_dir):
+def delta(ctx, bundle, out, codec, since, sign_key, round_id, state_dir, checkpoint):
     """Write the trained adapter of BUNDLE as a compact, verifiable delta file.
 
     \b
@@ -58,7 +60,7 @@ def delta(ctx, bundle, out, codec, since, sign_key, round_id, state_dir):
         raise click.UsageError("give BUNDLE and --out, e.g. `edgetune delta bundle --out update.etd`.")
     from edgetune.delta import AdapterTarget, diff, load_private_key, read_delta, read_reference, write_delta
 
-    manifest, adapter = _bundle_adapter(bundle, state_dir)
+    manifest, adapter = _bundle_adapter(bundle, state_dir, checkpoint)
     target = AdapterTarget.of(manifest)
     tensors = target.by_peft(adapter.tensors)
     kind, since_sha = "full", None

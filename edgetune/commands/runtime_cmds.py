@@ -12,6 +12,9 @@ THREADS = click.option("--threads", type=int, default=0, show_default=True, help
 STATE = click.option("--state-dir", type=click.Path(path_type=Path), default=None,
                      help="Training state folder (default: BUNDLE/train-state).")
 DATA_PATH = click.Path(exists=False, path_type=Path)
+CHECKPOINT = click.option("--checkpoint", type=click.Choice(["latest", "best"]), default="latest", show_default=True,
+                          help="Which trained adapter: the latest checkpoint, or the best by the held-out metric "
+                               "(written by train --eval-data --eval-every).")
 BACKEND = click.option("--backend", default="auto", show_default=True,
                        help="Engine that runs the graphs: ort-training (ONNX Runtime's training build), portable "
                             "(stock onnxruntime), or auto (ort-training when installed, else portable).")
@@ -45,7 +48,12 @@ def _check_file(path: Path, option: str) -> None:
 @click.option("--save-every", type=int, default=50, show_default=True, help="Checkpoint every N steps (and at the end).")
 @click.option("--resume", is_flag=True, help="Continue the run in the state folder from its last checkpoint.")
 @click.option("--restart", is_flag=True, help="Discard the state folder and start from the bundle's adapter.")
-@click.option("--eval-data", type=DATA_PATH, default=None, help="Held-out JSONL: report loss before and after.")
+@click.option("--eval-data", type=DATA_PATH, default=None, help="Held-out JSONL: report the task's metrics before and after.")
+@click.option("--eval-every", type=int, default=None,
+              help="Also evaluate --eval-data every N steps (and after the last); keeps the best adapter beside the latest.")
+@click.option("--early-stop", type=int, default=None,
+              help="Stop after K evaluations in a row without improvement (with --eval-data; evaluates every "
+                   "--save-every steps unless --eval-every is given).")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed lines and records (counted) instead of stopping.")
 @BACKEND
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -56,7 +64,7 @@ def _check_file(path: Path, option: str) -> None:
 @click.option("--emulate", default=None, help="Run here under this device profile's threads and a hard memory cap.")
 @click.pass_context
 def train(ctx, bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len, lr, warmup, seed, save_every,
-          resume, restart, eval_data, skip_bad, backend, quiet, threads, state_dir, device, emulate):
+          resume, restart, eval_data, eval_every, early_stop, skip_bad, backend, quiet, threads, state_dir, device, emulate):
     """Fine-tune the bundle's adapter on DATA, on this device. Checkpoints are crash-safe."""
     from edgetune.bundle import Bundle
     from edgetune.runtime.trainer import TrainOptions, train as run
@@ -72,7 +80,9 @@ def train(ctx, bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len,
     opts = TrainOptions(data=data, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                         max_seq_len=max_seq_len, lr=lr, warmup=warmup, seed=seed, threads=threads,
                         save_every=save_every, resume=resume, restart=restart, skip_bad=skip_bad,
-                        backend=backend, state_dir=state_dir)
+                        backend=backend, state_dir=state_dir,
+                        eval_data=eval_data if (eval_every or early_stop) else None, eval_every=eval_every,
+                        early_stop=early_stop)
     bundle = Bundle.open(bundle)  # hashed once, shared by the evaluations before and after
     if device is not None:  # before any data is read or a session built
         from edgetune.devices.fit import check_fits
@@ -82,24 +92,33 @@ def train(ctx, bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len,
     before = _eval(bundle, eval_data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend) if eval_data else None
     result = run(bundle, opts, progress=not quiet, log=lambda m: click.echo(m, err=True))
     d = result.data
-    click.echo(f"trained steps {result.start_step}..{result.steps}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
-               if result.losses else f"nothing to do: the run is already at step {result.steps}")
+    end = result.stopped_early_at or result.steps
+    click.echo(f"trained steps {result.start_step}..{end}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
+               + (f" (stopped early; {result.steps} planned)" if result.stopped_early_at else "")
+               if result.losses else f"nothing to do: the run is already at step {end}")
     if result.losses:
         click.echo(f"{result.tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s)")
     click.echo(f"data: {d['examples']} examples ({d['shape']}), {d['truncated']} truncated to {max_seq_len} tokens, "
                f"{d['skipped_bad']} bad lines skipped, {d['dropped_empty']} dropped with no label tokens")
     click.echo(f"checkpoint: {result.checkpoint}")
+    if result.best is not None:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in (result.best["metrics"] or {}).items() if k in _SHOWN)
+        click.echo(f"best: step {result.best['step']} ({shown}): {result.best['folder']}")
     if eval_data is not None:
         after = _eval(bundle, eval_data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend)
-        click.echo(f"eval loss: {before['with_adapter']['loss']:.4f} -> {after['with_adapter']['loss']:.4f} "
-                   f"(perplexity {before['with_adapter']['perplexity']:.2f} -> {after['with_adapter']['perplexity']:.2f})")
+        b, a = before["with_adapter"], after["with_adapter"]
+        click.echo("eval " + "; ".join(f"{k}: {b[k]:.4f} -> {a[k]:.4f}" for k in a if k in _SHOWN))
 
 
-def _eval(bundle, data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend):
+# Metrics printed by train and eval (the --json output has every number).
+_SHOWN = ("loss", "perplexity", "accuracy", "margin", "logp_accuracy")
+
+
+def _eval(bundle, data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend, checkpoint="latest"):
     from edgetune.runtime.evaluate import evaluate
 
     return evaluate(bundle, data, batch_size=batch_size, max_seq_len=max_seq_len, threads=threads,
-                    state_dir=state_dir, skip_bad=skip_bad, backend_name=backend)
+                    state_dir=state_dir, skip_bad=skip_bad, backend_name=backend, checkpoint=checkpoint)
 
 
 @click.command(name="eval")
@@ -110,22 +129,25 @@ def _eval(bundle, data, batch_size, max_seq_len, threads, state_dir, skip_bad, b
 @click.option("--skip-bad", is_flag=True, help="Skip malformed lines instead of stopping.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @BACKEND
+@CHECKPOINT
 @THREADS
 @STATE
-def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, backend, threads, state_dir):
-    """Loss and perplexity on held-out DATA, with the latest adapter and without it."""
+def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, backend, checkpoint, threads, state_dir):
+    """The task's metrics on held-out DATA (causal-lm: loss, perplexity; dpo: preference accuracy,
+    reward margin), with the trained adapter and without it."""
     from edgetune.bundle import Bundle
 
     backend = _backend(backend)
     _check_file(data, "--data")
-    r = _eval(Bundle.open(bundle), data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend)
+    r = _eval(Bundle.open(bundle), data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend, checkpoint)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
     on, off = r["with_adapter"], r["without_adapter"]
-    click.echo(f"{on['examples']} examples, {on['label_tokens']:,} label tokens; adapter: {r['adapter']}")
-    click.echo(f"  with adapter     loss {on['loss']:.4f}  perplexity {on['perplexity']:.3f}")
-    click.echo(f"  without adapter  loss {off['loss']:.4f}  perplexity {off['perplexity']:.3f}")
+    tokens = f", {on['label_tokens']:,} label tokens" if "label_tokens" in on else ""
+    click.echo(f"{int(on['examples'])} examples{tokens}; task {r['task']}; adapter: {r['adapter']}")
+    for label, m in (("with adapter   ", on), ("without adapter", off)):
+        click.echo(f"  {label}  " + "  ".join(f"{k} {m[k]:.4f}" for k in m if k in _SHOWN))
 
 
 @click.command()
@@ -138,16 +160,18 @@ def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, backend, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-adapter", is_flag=True, help="Generate with the base model only.")
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
+@CHECKPOINT
 @THREADS
 @STATE
-def generate(bundle, prompt, system, max_new_tokens, temperature, top_p, seed, no_adapter, raw, threads, state_dir):
+def generate(bundle, prompt, system, max_new_tokens, temperature, top_p, seed, no_adapter, raw, checkpoint, threads,
+             state_dir):
     """Answer PROMPT with the latest trained adapter (the answer alone on stdout)."""
     from edgetune.bundle import Bundle
     from edgetune.runtime.answer import answer
 
     text, origin = answer(Bundle.open(bundle), prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed, use_adapter=not no_adapter, raw=raw, threads=threads,
-                          state_dir=state_dir)
+                          state_dir=state_dir, checkpoint=checkpoint)
     click.echo(f"[adapter: {origin}]", err=True)
     click.echo(text)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgetune.bundle import Manifest
-from edgetune.errors import BundleError
+from edgetune.errors import BundleError, EdgetuneError
 from edgetune.runtime.backend import AUTO, open_backend
 from edgetune.runtime.state import StateDir
 
@@ -25,9 +25,27 @@ class AdapterTensors:
     trainer: dict | None = None
 
 
-def latest_adapter(bundle: "Bundle", state_dir: Path | None = None, backend: str = AUTO) -> AdapterTensors:
-    """The newest checkpoint's adapter, or the bundle's initial one when nothing was trained."""
-    latest = StateDir(bundle.state_folder(state_dir)).latest()
+CHECKPOINTS = ("latest", "best")
+
+
+def latest_adapter(bundle: "Bundle", state_dir: Path | None = None, backend: str = AUTO,
+                   checkpoint: str = "latest") -> AdapterTensors:
+    """The newest checkpoint's adapter, or the bundle's initial one when nothing was trained.
+
+    ``checkpoint="best"``: the best adapter by the held-out metric (train --eval-data --eval-every);
+    refused when the run kept none.
+    """
+    state = StateDir(bundle.state_folder(state_dir))
+    if checkpoint not in CHECKPOINTS:
+        raise EdgetuneError(f"unknown --checkpoint {checkpoint!r}; choose latest or best.")
+    if checkpoint == "best":
+        best = state.best()
+        if best is None:
+            raise EdgetuneError(f"--checkpoint best: {state.folder} holds no best checkpoint; train with "
+                                "--eval-data FILE --eval-every N to keep one, or use --checkpoint latest.")
+        step = int(best.trainer["step"])
+        return AdapterTensors(best.adapter(), best.trainer.get("origin") or f"trained, step {step} (best)", step, best.trainer)
+    latest = state.latest()
     if latest is not None:
         step = int(latest.trainer.get("step", 0))
         origin = latest.trainer.get("origin") or f"trained, step {step}"

@@ -1,4 +1,8 @@
-"""``edgetune eval``: loss and perplexity on held-out data, with the adapter on and off."""
+"""``edgetune eval``: the task's metrics on held-out data, with the adapter on and off.
+
+causal-lm: loss and perplexity over the response tokens; other tasks: see their module
+(``edgetune.runtime.tasks``).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,7 @@ from edgetune.constants import IGNORE_INDEX
 from edgetune.runtime.adapter_source import disabled, latest_adapter
 from edgetune.runtime.backend import open_backend
 from edgetune.runtime.batches import pad_batch
-from edgetune.runtime.data import load_examples
-from edgetune.runtime.text import load_text
+from edgetune.runtime.state import StateDir
 
 
 @dataclass
@@ -44,18 +47,24 @@ def eval_loss(backend, examples, batch_size: int, pad_id: int) -> EvalResult:
 
 def evaluate(bundle: Bundle, data: Path, *, batch_size: int = 4, max_seq_len: int = 256, threads: int = 0,
              state_dir: Path | None = None, skip_bad: bool = False, backend_name: str = "auto",
-             adapter: dict[str, np.ndarray] | None = None) -> dict:
-    """Evaluate with the latest trained adapter (or ``adapter``) and with the adapter off."""
+             adapter: dict[str, np.ndarray] | None = None, checkpoint: str = "latest") -> dict:
+    """Evaluate with the latest (or best) trained adapter, or ``adapter``, and with the adapter off."""
+    from edgetune.bundle import sha256_file
+    from edgetune.runtime.tasks import get_task
+
     manifest = bundle.manifest
-    tokenizer, template = load_text(bundle)
-    examples, stats = load_examples(data, tokenizer, template, max_seq_len, skip_bad=skip_bad)
-    source = latest_adapter(bundle, state_dir, backend_name)
+    task = get_task(manifest.task)
+    examples, stats = task.load(bundle, data, max_seq_len, skip_bad)
+    source = latest_adapter(bundle, state_dir, backend_name, checkpoint=checkpoint)
     backend = open_backend(backend_name, bundle, threads=threads, with_eval=True, training=False)
+    if task.prepare is not None:  # e.g. dpo: reference log-probabilities (cached in the state folder)
+        examples = task.prepare(bundle, backend, examples, StateDir(bundle.state_folder(state_dir)),
+                                sha256_file(data), lambda m: None)
     pad = manifest.tokenizer.pad_token_id
     used = adapter if adapter is not None else source.tensors
     backend.set_trainable(used)
-    on = eval_loss(backend, examples, batch_size, pad)
+    on = task.evaluate(backend, examples, batch_size, pad)
     backend.set_trainable(disabled(manifest, used))
-    off = eval_loss(backend, examples, batch_size, pad)
-    return {"adapter": "given" if adapter is not None else source.origin, "with_adapter": on.__dict__,
-            "without_adapter": off.__dict__, "data": stats.__dict__ if hasattr(stats, "__dict__") else stats}
+    off = task.evaluate(backend, examples, batch_size, pad)
+    return {"adapter": "given" if adapter is not None else source.origin, "task": task.name, "metric": task.metric,
+            "with_adapter": on, "without_adapter": off, "data": stats.__dict__ if hasattr(stats, "__dict__") else stats}

@@ -26,7 +26,7 @@ class OrtTrainingBackend:
         self._threads, self._with_eval, self._training = threads, with_eval, training
         manifest = bundle.manifest
         self._names = [t.graph_name for t in manifest.trainable]
-        self._inputs = [i.name for i in manifest.inputs]
+        self._inputs = [(i.name, np.dtype(i.dtype)) for i in manifest.inputs]  # dpo adds float32 ref_logps
         self._loaded = None  # CheckpointState
         self._module = None
         self._optimizer = None
@@ -54,7 +54,7 @@ class OrtTrainingBackend:
         return self._module
 
     def _feed(self, batch: Batch) -> list[np.ndarray]:
-        return [np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs]
+        return [np.ascontiguousarray(batch[name], dtype=dtype) for name, dtype in self._inputs]
 
     # --- TrainingBackend ----------------------------------------------------------------------
     def train_step(self, batch: Batch) -> float:

@@ -6,8 +6,11 @@ Layout (default ``<bundle>/train-state``)::
     ckpt-00000100/         one complete checkpoint
       checkpoint           ORT checkpoint: all parameters + AdamW moments + step
       adapter.safetensors  trainable tensors only (fast to read for eval/generate/delta)
-      trainer.json         step, data position, seed, schedule, counters
-    metrics.jsonl          one line per optimizer step
+      trainer.json         step, data position, seed, schedule, counters, evaluation record
+    BEST                   name of the best-evaluated adapter so far (train --eval-every)
+    best-00000060/         adapter.safetensors + trainer.json (with the evaluation) of that step
+    reference-<hash>.npy   cached reference log-probabilities of a data file (task dpo)
+    metrics.jsonl          one line per optimizer step (and one per evaluation)
     edgetune-state.json    marker: this folder is an edgetune state folder
 
 The folder may come from elsewhere (a copied bundle, a mistyped ``--state-dir``), so nothing in it
@@ -19,7 +22,10 @@ marker existed are recognised by their layout (only LATEST, ckpt-*, metrics.json
 A checkpoint is written into a temporary folder, fsynced, renamed to ``ckpt-<step>``, and only
 then does ``LATEST`` (written to a temp file, fsynced, renamed) point at it; the previous
 checkpoint is deleted last. A kill or a full disk at any moment leaves the previous checkpoint
-readable and ``LATEST`` pointing at a complete one.
+readable and ``LATEST`` pointing at a complete one. ``best-<step>`` folders are written the same
+way, then ``BEST`` points at one. A best folder is deleted only once a checkpoint records a later
+best, so after a kill the best that the resumed checkpoint knows of still exists
+(``rewind_best``) and a resumed run ends with the same ``BEST`` as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -37,17 +43,21 @@ from edgetune.atomic import atomic_write_bytes, fsync_dir, is_disk_full, replace
 from edgetune.errors import TrainingError
 
 LATEST = "LATEST"
+BEST = "BEST"
 ADAPTER = "adapter.safetensors"
 TRAINER = "trainer.json"
 METRICS = "metrics.jsonl"
 MARKER = "edgetune-state.json"
 CHECKPOINT_NAME = re.compile(r"ckpt-\d{8}")
+BEST_NAME = re.compile(r"best-\d{8}")
 # Every entry edgetune writes into a state folder: the files above, checkpoints, and the temp names
 # of checkpoints being written (".ckpt-N.partial"), of a checkpoint being swapped out
 # (".ckpt-N.old-<ns>", edgetune.atomic.replace_dir), of atomic file replacements
 # (".NAME.<random>.partial") and of the disk-full probe (".disk-probe.<random>").
-OWN_ENTRY = re.compile(r"(LATEST|metrics\.jsonl|edgetune-state\.json|ckpt-\d{8}|\.ckpt-\d{8}\.(partial|old-\d+)"
-                       r"|\.(LATEST|metrics\.jsonl|edgetune-state\.json)\.[^/]*\.partial|\.disk-probe\.[^/]*)")
+OWN_ENTRY = re.compile(r"(LATEST|BEST|metrics\.jsonl|edgetune-state\.json|(ckpt|best)-\d{8}|reference-[0-9a-f]{16}\.npy"
+                       r"|\.(ckpt|best)-\d{8}\.(partial|old-\d+)"
+                       r"|\.(LATEST|BEST|metrics\.jsonl|edgetune-state\.json|reference-[0-9a-f]{16}\.npy)\.[^/]*\.partial"
+                       r"|\.disk-probe\.[^/]*)")
 RESTART_HINT = "start over with `edgetune train --restart` (it clears only edgetune's own files there)"
 
 
@@ -106,20 +116,28 @@ class StateDir:
     def latest(self) -> Checkpoint | None:
         """The checkpoint ``LATEST`` names, or None when there is none; TrainingError if it is not
         a complete checkpoint folder directly inside this folder."""
-        pointer = self.folder / LATEST
+        return self._pointed(LATEST, CHECKPOINT_NAME, (TRAINER, ADAPTER, "checkpoint"))
+
+    def best(self) -> Checkpoint | None:
+        """The best-evaluated adapter ``BEST`` names (train --eval-every), or None when there is none."""
+        return self._pointed(BEST, BEST_NAME, (TRAINER, ADAPTER))
+
+    def _pointed(self, pointer_name: str, pattern: re.Pattern, files: tuple[str, ...]) -> Checkpoint | None:
+        pointer = self.folder / pointer_name
         if not pointer.exists():
             return None
         with open(pointer, "rb") as f:
             raw = f.read(64)
         name = raw.decode("utf-8", "replace").strip()
-        if not CHECKPOINT_NAME.fullmatch(name):
-            raise TrainingError(f"{pointer} names {name[:40]!r}, not a checkpoint folder (ckpt-NNNNNNNN) inside "
+        kind = pattern.pattern.split("-")[0]
+        if not pattern.fullmatch(name):
+            raise TrainingError(f"{pointer} names {name[:40]!r}, not a checkpoint folder ({kind}-NNNNNNNN) inside "
                                 f"{self.folder}; the state is damaged or not edgetune's — {RESTART_HINT}.")
         folder = self.folder / name
         if folder.is_symlink() or not folder.is_dir():
             raise TrainingError(f"{pointer} names {name}, which is {'a symlink' if folder.is_symlink() else 'missing'} "
                                 f"in {self.folder}; the state is damaged — {RESTART_HINT}.")
-        linked = [f for f in (TRAINER, ADAPTER, "checkpoint") if (folder / f).is_symlink()]
+        linked = [f for f in files if (folder / f).is_symlink()]
         if linked:
             raise TrainingError(f"checkpoint {folder} holds symlinks ({', '.join(linked)}) instead of its files; "
                                 f"the state is not edgetune's — {RESTART_HINT}.")
@@ -159,6 +177,50 @@ class StateDir:
         if previous is not None and previous.folder.name != name:
             shutil.rmtree(previous.folder, ignore_errors=True)
         return Checkpoint(self.folder / name, trainer)
+
+    # --- the best-evaluated adapter ---------------------------------------------------------
+    def save_best(self, trainer: dict, adapter: dict[str, np.ndarray]) -> Checkpoint:
+        """Write ``best-<step>`` (adapter + trainer.json) and point BEST at it; older best folders
+        stay until ``prune_best`` (after a checkpoint that records this best) removes them."""
+        from safetensors.numpy import save_file
+
+        self._create()
+        name = f"best-{int(trainer['step']):08d}"
+        tmp = self.folder / f".{name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp / ADAPTER))
+            (tmp / TRAINER).write_text(json.dumps(trainer, indent=2))
+            replace_dir(tmp, self.folder / name)  # fsyncs tmp first
+            atomic_write_text(self.folder / BEST, name + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Checkpoint(self.folder / name, trainer)
+
+    def _best_steps(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(p.name[5:]) for p in self.folder.iterdir() if BEST_NAME.fullmatch(p.name))
+
+    def prune_best(self, keep_step: int | None) -> None:
+        """After a checkpoint recorded ``keep_step`` as its best: best folders before it are not needed."""
+        for step in self._best_steps():
+            if keep_step is not None and step < keep_step:
+                shutil.rmtree(self.folder / f"best-{step:08d}", ignore_errors=True)
+
+    def rewind_best(self, resumed_step: int, best_step: int | None) -> None:
+        """On resume from ``resumed_step``: best folders the killed run wrote after it go, and BEST names
+        the best that checkpoint recorded (``best_step``), or is removed when it recorded none."""
+        for step in self._best_steps():
+            if step > resumed_step:
+                shutil.rmtree(self.folder / f"best-{step:08d}", ignore_errors=True)
+        pointer = self.folder / BEST
+        if best_step is not None and (self.folder / f"best-{best_step:08d}").is_dir():
+            atomic_write_text(pointer, f"best-{best_step:08d}\n")
+        elif pointer.exists():
+            pointer.unlink()
 
     def clear(self) -> None:
         """Delete what edgetune wrote here (the constructor refused any folder holding other entries)."""

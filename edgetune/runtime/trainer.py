@@ -3,6 +3,11 @@
 Resuming after a kill continues from the last checkpoint with the same batches (the batch order
 is a pure function of seed, epoch and position) and the same AdamW state, so it ends with the
 same weights as an uninterrupted run.
+
+With ``eval_data`` the task's metrics on held-out data are computed every ``eval_every`` steps
+(and after the last step); the best adapter by the task's metric is kept beside the latest
+checkpoint (``StateDir.save_best``), and ``early_stop`` evaluations in a row without improvement
+end the run. The evaluation record is part of each checkpoint, so resuming keeps it.
 """
 
 from __future__ import annotations
@@ -15,14 +20,14 @@ from pathlib import Path
 from edgetune.bundle import Bundle, sha256_file
 from edgetune.errors import EdgetuneError, TrainingError
 from edgetune.runtime.backend import choose_backend, open_backend
-from edgetune.runtime.batches import BatchPlan, pad_batch
-from edgetune.runtime.data import load_examples
+from edgetune.runtime.batches import BatchPlan
+from edgetune.runtime.eval_tracker import EvalTracker
 from edgetune.runtime.schedule import LinearSchedule
 from edgetune.runtime.state import StateDir
-from edgetune.runtime.text import load_text
+from edgetune.runtime.tasks import get_task
 
 # What must match for --resume to continue the same run (anything else may change, e.g. threads).
-RUN_IDENTITY = ("data_sha256", "seed", "batch_size", "grad_accum", "max_seq_len", "total_steps", "lr", "warmup")
+RUN_IDENTITY = ("data_sha256", "seed", "batch_size", "grad_accum", "max_seq_len", "total_steps", "lr", "warmup", "eval")
 
 
 @dataclass
@@ -43,6 +48,9 @@ class TrainOptions:
     skip_bad: bool = False
     backend: str = "auto"  # a name registered in runtime/backend.py, or auto
     state_dir: Path | None = None
+    eval_data: Path | None = None  # held-out data evaluated during training
+    eval_every: int | None = None  # steps between evaluations (default with eval_data: save_every)
+    early_stop: int | None = None  # evaluations without improvement before stopping
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_seq_len", "save_every"):
@@ -56,6 +64,10 @@ class TrainOptions:
             raise EdgetuneError("give --steps or --epochs, not both.")
         if self.resume and self.restart:
             raise EdgetuneError("give --resume or --restart, not both.")
+        if (self.eval_every is not None or self.early_stop is not None) and self.eval_data is None:
+            raise EdgetuneError("--eval-every and --early-stop need --eval-data (held-out JSONL).")
+        if self.eval_data is not None:
+            EvalTracker(self.eval_every or self.save_every, self.early_stop)  # checks both numbers
         self.backend = choose_backend(self.backend)  # before any data is read; resolves auto
 
 
@@ -68,6 +80,9 @@ class TrainResult:
     seconds: float = 0.0
     checkpoint: Path | None = None
     data: dict = field(default_factory=dict)
+    evals: list[dict] = field(default_factory=list)  # {"step", metrics...} of each evaluation this call ran
+    best: dict | None = None  # {"step", "metrics", "folder"} of the best evaluation so far
+    stopped_early_at: int | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -76,8 +91,10 @@ class TrainResult:
 
 def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) -> TrainResult:
     manifest = bundle.manifest
-    tokenizer, template = load_text(bundle)
-    examples, stats = load_examples(opts.data, tokenizer, template, opts.max_seq_len, skip_bad=opts.skip_bad)
+    task = get_task(manifest.task)
+    examples, stats = task.load(bundle, opts.data, opts.max_seq_len, opts.skip_bad)
+    held = task.load(bundle, opts.eval_data, opts.max_seq_len, opts.skip_bad)[0] if opts.eval_data else None
+    tracker = EvalTracker(opts.eval_every or opts.save_every, opts.early_stop, task.rank) if held else None
     state = StateDir(bundle.state_folder(opts.state_dir))
     if opts.restart:  # before reading LATEST: a damaged pointer must not block starting over
         state.clear()
@@ -95,7 +112,9 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
     total = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * per_epoch))
     identity = {"data_sha256": sha256_file(opts.data), "seed": opts.seed, "batch_size": opts.batch_size,
                 "grad_accum": opts.grad_accum, "max_seq_len": opts.max_seq_len, "total_steps": total,
-                "lr": opts.lr, "warmup": opts.warmup}
+                "lr": opts.lr, "warmup": opts.warmup,
+                "eval": {"data_sha256": sha256_file(opts.eval_data), "every": tracker.every, "early_stop": tracker.patience}
+                if tracker else None}
     start = 0
     if latest is not None and opts.resume and latest.trainer.get("step", 0) > 0:
         saved = latest.trainer.get("run")
@@ -110,26 +129,60 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
         except (KeyError, TypeError, ValueError):
             raise TrainingError(f"{latest.folder}/trainer.json has no valid data position; "
                                 "the state is damaged — pass --restart to start over.") from None
+        if tracker is not None:
+            tracker.restore(latest.trainer.get("eval"), f"{latest.folder}/trainer.json")
         log(f"resuming from step {start} ({latest.folder.name})")
     elif opts.resume:
         log("no earlier run to resume; starting from the bundle's adapter")
     # Lines after the resumed checkpoint (all of them when starting at 0, e.g. after a kill before
     # the first checkpoint) are redone, so metrics.jsonl equals an uninterrupted run's.
     state.truncate_metrics(start)
+    state.rewind_best(start, tracker.best_step if tracker else None)  # bests a killed run wrote after `start`
+    result = TrainResult(steps=total, start_step=start, data=asdict(stats))
+    if latest is not None and opts.resume and latest.trainer.get("stopped_early"):
+        result.stopped_early_at, result.checkpoint = start, latest.folder
+        result.best = _best_summary(state)
+        log(f"the run stopped early at step {start} (no improvement in {opts.early_stop} evaluations); nothing to do")
+        return result
 
     schedule = LinearSchedule(opts.lr, total, opts.warmup)
     backend = open_backend(opts.backend, bundle, checkpoint=latest.ort_checkpoint if latest else None,
-                           threads=opts.threads)
+                           threads=opts.threads, with_eval=held is not None)
     from edgetune.devices.emulate import arm_cap
 
     arm_cap()  # under `train --emulate`: the device's memory cap starts once the sessions are loaded
-    result = TrainResult(steps=total, start_step=start, data=asdict(stats))
+    if task.prepare is not None:  # e.g. dpo: reference log-probabilities, computed once and cached
+        examples = task.prepare(bundle, backend, examples, state, identity["data_sha256"], log)
+        if held is not None:
+            held = task.prepare(bundle, backend, held, state, identity["eval"]["data_sha256"], log)
+    pad = manifest.tokenizer.pad_token_id
 
-    def save(step: int):
+    def save(step: int, stopped_early: bool = False):
         trainer = {"step": step, "position": plan.position, "run": identity, "backend": backend.name,
                    "base_model_sha256": manifest.base_sha256, "num_examples": len(examples),
                    "last_loss": result.losses[-1] if result.losses else None}
-        return state.save(trainer, backend.trainable(), backend.save)
+        if tracker is not None:
+            trainer["eval"] = tracker.to_dict()
+            trainer["stopped_early"] = stopped_early
+        saved = state.save(trainer, backend.trainable(), backend.save)
+        if tracker is not None:
+            state.prune_best(tracker.best_step)
+        return saved
+
+    def evaluate(step: int) -> bool:
+        """Score the held-out data now; keep the adapter as the best when it is; True: stop early."""
+        metrics = task.evaluate(backend, held, opts.batch_size, pad)
+        improved = tracker.record(step, metrics)
+        if improved:
+            state.save_best({"step": step, "eval": metrics, "metric": task.metric, "run": identity,
+                             "base_model_sha256": manifest.base_sha256, "num_examples": len(examples),
+                             "origin": f"trained, step {step} (best eval {task.metric})"},
+                            backend.trainable())
+        row = {"step": step, "eval": {k: round(v, 6) for k, v in metrics.items()}, "best": improved}
+        state.append_metrics(row)
+        result.evals.append({"step": step, **metrics})
+        bar.set_postfix(loss=f"{result.losses[-1]:.4f}", **{f"eval_{task.metric}": f"{metrics[task.metric]:.4f}"})
+        return tracker.should_stop
 
     batches = iter(plan)
     bar = _progress(total, start, progress)
@@ -138,7 +191,7 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
         step_start, step_loss, step_tokens = time.perf_counter(), 0.0, 0
         for _ in range(opts.grad_accum):
             _, _, indices = next(batches)
-            batch = pad_batch([examples[i] for i in indices], manifest.tokenizer.pad_token_id)
+            batch = task.batch([examples[i] for i in indices], pad)
             loss = backend.train_step(batch)
             if not math.isfinite(loss):
                 backend.discard_gradients()
@@ -155,15 +208,28 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
         result.tokens += step_tokens
         state.append_metrics({"step": step + 1, "loss": round(step_loss, 6), "lr": lr, "tokens": step_tokens,
                               "tokens_per_s": round(step_tokens / elapsed, 1), "seconds": round(elapsed, 4)})
-        if (step + 1) % opts.save_every == 0 or step + 1 == total:
-            result.checkpoint = save(step + 1).folder
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{step_tokens / elapsed:.0f}")
+        stop = tracker is not None and tracker.due(step + 1, total) and evaluate(step + 1)
+        if stop or (step + 1) % opts.save_every == 0 or step + 1 == total:
+            result.checkpoint = save(step + 1, stopped_early=stop).folder
         bar.update(1)
+        if stop:
+            result.stopped_early_at = step + 1
+            log(f"stopping early at step {step + 1}: no better eval {task.metric} in {tracker.patience} evaluations "
+                f"(best at step {tracker.best_step})")
+            break
     bar.close()
+    result.best = _best_summary(state) if tracker is not None else None
     result.seconds = time.perf_counter() - t0
     if result.checkpoint is None and latest is not None:
         result.checkpoint = latest.folder
     return result
+
+
+def _best_summary(state: StateDir) -> dict | None:
+    best = state.best()
+    return None if best is None else {"step": best.trainer["step"], "metrics": best.trainer.get("eval"),
+                                      "folder": str(best.folder)}
 
 
 def _progress(total: int, start: int, enabled: bool):
