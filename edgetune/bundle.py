@@ -80,6 +80,7 @@ class Manifest:
     # existed): {"file", "eval_file", "supported", "unsupported": [{"op_type", "node", ...}],
     # "gradients": {graph_name: output name}, "loss"}; see edgetune/export/portable/.
     portable: dict | None = None
+    task_config: dict = field(default_factory=dict)  # the task's settings, e.g. dpo: {"beta": 0.1}
 
     # --- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -68,6 +68,10 @@ def _method_names() -> list[str]:
 @click.option("--no-memory-rewrites", is_flag=True,
               help="Keep the training graph exactly as ONNX Runtime's gradient builder writes it "
                    "(ignores --recompute and --loss-chunks; for comparisons).")
+@click.option("--task", type=click.Choice(["causal-lm", "dpo"]), default="causal-lm", show_default=True,
+              help="What the bundle trains: causal-lm (instructions, chats, text) or dpo (preference pairs; "
+                   "the reference model is the base with the adapter off).")
+@click.option("--beta", type=float, default=None, help="dpo: KL strength towards the reference [default: 0.1].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--device", default=None, help="Choose --quantize, --recompute and --loss-chunks (those not given) so "
                                              "training fits this device profile (`edgetune devices list`).")
@@ -78,8 +82,8 @@ def _method_names() -> list[str]:
 @click.option("--ort-format", is_flag=True, help="Also write the training artifacts in ORT format (for minimal "
                                                  "mobile onnxruntime builds); the manifest records them.")
 @click.pass_context
-def export(ctx, model, out, method, quantize, weight_decay, recompute, loss_chunks, no_memory_rewrites, force,
-           device, plan_batch_size, plan_seq_len, ort_format, **method_options):
+def export(ctx, model, out, method, quantize, weight_decay, recompute, loss_chunks, no_memory_rewrites, task, beta,
+           force, device, plan_batch_size, plan_seq_len, ort_format, **method_options):
     """Export MODEL (a Hugging Face folder, a .gguf file, or a built-in name; default smollm2-135m)
     with a trainable adapter into an ONNX Runtime training bundle."""
     from edgetune.export.artifacts import AdamWSettings
@@ -104,7 +108,7 @@ def export(ctx, model, out, method, quantize, weight_decay, recompute, loss_chun
     opts = ExportOptions(
         source=model, out=out, method=method, method_config=config,
         quantize=quantize, force=force, adamw=AdamWSettings(weight_decay=weight_decay),
-        recompute=recompute, loss_chunks=loss_chunks, memory_rewrites=not no_memory_rewrites,
+        recompute=recompute, loss_chunks=loss_chunks, memory_rewrites=not no_memory_rewrites, task=task, beta=beta,
     )
     manifest = export_bundle(opts, report=lambda msg: click.echo(f"• {msg}", err=True))
     click.echo(f"wrote {out} in {manifest.producer['export_seconds']} s", err=True)

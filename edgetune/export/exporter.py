@@ -24,12 +24,14 @@ from edgetune.export.artifacts import AdamWSettings
 from edgetune.methods import LoraConfig
 
 QUANTIZATIONS = ("int8", "none")
-TASKS = ("causal-lm",)
+TASKS = ("causal-lm", "dpo")
 TRAINING_GRAPH_INPUTS = [
     GraphInput("input_ids", "int64", ["batch", "sequence"]),
     GraphInput("attention_mask", "int64", ["batch", "sequence"]),
     GraphInput("labels", "int64", ["batch", "sequence"]),
 ]
+# dpo: the reference model's summed response log-probabilities, one per row (export/dpo_graph.py)
+DPO_INPUTS = [*TRAINING_GRAPH_INPUTS, GraphInput("ref_logps", "float32", ["batch"])]
 
 
 @dataclass
@@ -45,6 +47,7 @@ class ExportOptions:
     recompute: str = "cheap"  # activation recompute per residual block (memory.RECOMPUTE_POLICIES)
     loss_chunks: int = 8  # the LM head + loss over label positions in this many chunks (1: one piece)
     memory_rewrites: bool = True  # False: the graphs exactly as ORT's gradient builder makes them
+    beta: float | None = None  # dpo: strength of the KL penalty towards the reference (default 0.1)
 
     def __post_init__(self) -> None:
         from edgetune.export.memory import RECOMPUTE_POLICIES
@@ -58,6 +61,12 @@ class ExportOptions:
             raise ExportError(f"unsupported quantization {self.quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}.")
         if self.task not in TASKS:
             raise ExportError(f"unsupported task {self.task!r}; choose one of: {', '.join(TASKS)}.")
+        if self.beta is not None and self.task != "dpo":
+            raise ExportError(f"--beta applies to --task dpo only, not {self.task}.")
+        if self.task == "dpo":
+            self.beta = 0.1 if self.beta is None else self.beta
+            if not 0 < self.beta <= 100:
+                raise ExportError(f"--beta must be in (0, 100], got {self.beta}.")
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -110,9 +119,15 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     from edgetune.export.tokenizer_info import save_tokenizer
     from edgetune.export.training_graph import OUTPUT_NAMES, export_training_graph, graph_name
 
-    report("exporting the training graph (causal-LM loss)")
     full = tmp / "full_model.onnx"
-    export_training_graph(model, full)
+    if opts.task == "dpo":
+        from edgetune.export.dpo_graph import export_dpo_graph
+
+        report(f"exporting the training graph (DPO loss, beta {opts.beta})")
+        export_dpo_graph(model, full, opts.beta)
+    else:
+        report("exporting the training graph (causal-LM loss)")
+        export_training_graph(model, full)
     graph = onnx.load(str(full))
     full.unlink()
     remove_zero_dropout(graph)
@@ -128,14 +143,16 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
         names = [n for n, t in params.items() if n not in trainable_names and n not in fixed_keys
                  and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
         quantized = {q.name for q in quantize_graph(graph, names)}
-    if opts.memory_rewrites:  # the loss is chunked in the forward graph, before gradients exist
-        chunk_loss(graph, OUTPUT_NAMES[0], opts.loss_chunks)
+    # The loss is chunked in the forward graph, before gradients exist. The rewrite matches the
+    # causal-LM loss (a mean SoftmaxCrossEntropyLoss); the DPO graph's per-token log-probabilities
+    # (no reduction, summed per row) do not match it, so DPO runs its LM head in one piece.
+    loss_chunks = chunk_loss(graph, OUTPUT_NAMES[0], opts.loss_chunks) if opts.memory_rewrites else 0
     frozen_inits = [t for t in graph.graph.initializer if t.name not in trainable_names]
     report("generating ONNX Runtime training artifacts (gradient graph, AdamW, checkpoint)")
     artifacts.generate(graph, trainable_names, [t.name for t in frozen_inits], tmp, opts.adamw)
     memory = None
     if opts.memory_rewrites:
-        report(f"planning memory (recompute: {opts.recompute}, loss chunks: {opts.loss_chunks})")
+        report(f"planning memory (recompute: {opts.recompute}, loss chunks: {loss_chunks or 'off'})")
         memory = optimize_artifacts(tmp, OUTPUT_NAMES[0], opts.recompute).to_dict(opts.recompute)
     from edgetune.export.portable import export_portable  # after the memory plan: same graph, stock operators
 
@@ -181,12 +198,13 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
                    for t in trainables],
         frozen=frozen,
         quantization=opts.quantize,
-        inputs=TRAINING_GRAPH_INPUTS,
+        inputs=DPO_INPUTS if opts.task == "dpo" else TRAINING_GRAPH_INPUTS,
         outputs=list(OUTPUT_NAMES),
         tokenizer=tokenizer_info,
         generation=generation,
         producer={"edgetune": __version__, "opset": OPSET, "memory": memory},
         portable=portable,
+        task_config={"beta": opts.beta} if opts.task == "dpo" else {},
     )
     write_manifest(tmp, manifest)
     return manifest

@@ -60,11 +60,10 @@ def evaluate(bundle: Bundle, data: Path, *, batch_size: int = 4, max_seq_len: in
     if task.prepare is not None:  # e.g. dpo: reference log-probabilities (cached in the state folder)
         examples = task.prepare(bundle, backend, examples, StateDir(bundle.state_folder(state_dir)),
                                 sha256_file(data), lambda m: None)
-    pad = manifest.tokenizer.pad_token_id
     used = adapter if adapter is not None else source.tensors
     backend.set_trainable(used)
-    on = task.evaluate(backend, examples, batch_size, pad)
+    on = task.evaluate(bundle, backend, examples, batch_size)
     backend.set_trainable(disabled(manifest, used))
-    off = task.evaluate(backend, examples, batch_size, pad)
+    off = task.evaluate(bundle, backend, examples, batch_size)
     return {"adapter": "given" if adapter is not None else source.origin, "task": task.name, "metric": task.metric,
             "with_adapter": on, "without_adapter": off, "data": stats.__dict__ if hasattr(stats, "__dict__") else stats}

@@ -178,6 +178,27 @@ class StateDir:
             shutil.rmtree(previous.folder, ignore_errors=True)
         return Checkpoint(self.folder / name, trainer)
 
+    # --- cached reference log-probabilities (task dpo) -----------------------------------------
+    def read_reference(self, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The cached array ``reference-<key>.npy`` when it exists, has ``shape`` and is finite; else None."""
+        path = self.folder / f"reference-{key}.npy"
+        if path.is_symlink() or not path.is_file():
+            return None
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None  # damaged: recomputed
+        ok = values.shape == shape and values.dtype == np.float64 and np.isfinite(values).all()
+        return values if ok else None
+
+    def write_reference(self, key: str, values: np.ndarray) -> None:
+        import io
+
+        self._create()
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(values, dtype=np.float64), allow_pickle=False)
+        atomic_write_bytes(self.folder / f"reference-{key}.npy", buffer.getvalue())
+
     # --- the best-evaluated adapter ---------------------------------------------------------
     def save_best(self, trainer: dict, adapter: dict[str, np.ndarray]) -> Checkpoint:
         """Write ``best-<step>`` (adapter + trainer.json) and point BEST at it; older best folders

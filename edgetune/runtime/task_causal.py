@@ -14,8 +14,8 @@ def _load(bundle, path, max_seq_len: int, skip_bad: bool):
     return load_examples(path, tokenizer, template, max_seq_len, skip_bad=skip_bad)
 
 
-def _evaluate(backend, examples, batch_size: int, pad_id: int) -> dict:
-    return dict(eval_loss(backend, examples, batch_size, pad_id).__dict__)  # loss, perplexity, label_tokens, examples
+def _evaluate(bundle, backend, examples, batch_size: int) -> dict:
+    return dict(eval_loss(backend, examples, batch_size, bundle.manifest.tokenizer.pad_token_id).__dict__)  # loss, perplexity, label_tokens, examples
 
 
 TASK = Task(name="causal-lm", metric="loss", load=_load, batch=pad_batch, evaluate=_evaluate,

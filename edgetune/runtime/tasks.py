@@ -27,7 +27,7 @@ class Task:
     load: Callable[["Bundle", Path, int, bool], tuple[list, object]]
     # (examples, pad_id) -> batch: graph input name -> array
     batch: Callable[[list, int], dict]
-    # (backend, examples, batch_size, pad_id) -> metrics (floats; "loss" always among them)
+    # (bundle, backend, examples, batch_size) -> metrics (numbers; "loss" always among them)
     evaluate: Callable[..., dict]
     # metrics -> tuple; a larger tuple is a better checkpoint
     rank: Callable[[dict], tuple]

@@ -147,7 +147,7 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
 
     schedule = LinearSchedule(opts.lr, total, opts.warmup)
     backend = open_backend(opts.backend, bundle, checkpoint=latest.ort_checkpoint if latest else None,
-                           threads=opts.threads, with_eval=held is not None)
+                           threads=opts.threads, with_eval=held is not None or task.prepare is not None)
     from edgetune.devices.emulate import arm_cap
 
     arm_cap()  # under `train --emulate`: the device's memory cap starts once the sessions are loaded
@@ -171,7 +171,7 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
 
     def evaluate(step: int) -> bool:
         """Score the held-out data now; keep the adapter as the best when it is; True: stop early."""
-        metrics = task.evaluate(backend, held, opts.batch_size, pad)
+        metrics = task.evaluate(bundle, backend, held, opts.batch_size)
         improved = tracker.record(step, metrics)
         if improved:
             state.save_best({"step": step, "eval": metrics, "metric": task.metric, "run": identity,
