@@ -174,3 +174,39 @@ def test_train_eval_delta_to_peft(bundle, tmp_path):
 def test_beta_only_with_dpo(tiny_model_dir, tmp_path):
     r = _cli("export", tiny_model_dir, "--beta", "0.2", "--out", tmp_path / "b", "--quantize", "none")
     assert r.returncode == 2 and "--task dpo" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_resume_after_kill_matches_uninterrupted_run(bundle, tmp_path):
+    """kill -9 mid-run, --resume: the cached reference log-probabilities are reused and the final
+    adapter equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.numpy import load_file
+
+    data = _write(tmp_path / "p.jsonl", repeat=8)
+    args = ["--data", data, "--steps", 30, "--batch-size", 2, "--lr", 1e-2, "--save-every", 4, "--quiet"]
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    assert _cli("train", other, *args).returncode == 0
+    latest = bundle / "train-state" / "LATEST"
+    proc = subprocess.Popen([sys.executable, "-m", "edgetune.cli", "train", str(bundle), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and int(latest.read_text().strip().split("-")[1]) >= 8:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = _cli("train", bundle, *args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming from step" in r.stderr and "computing reference" not in r.stderr  # the cache was used
+    final = load_file(str(bundle / "train-state" / "ckpt-00000030" / "adapter.safetensors"))
+    reference = load_file(str(other / "train-state" / "ckpt-00000030" / "adapter.safetensors"))
+    for key in reference:
+        np.testing.assert_allclose(final[key], reference[key], rtol=1e-5, atol=1e-6)
