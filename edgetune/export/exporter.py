@@ -143,9 +143,11 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
         names = [n for n, t in params.items() if n not in trainable_names and n not in fixed_keys
                  and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
         quantized = {q.name for q in quantize_graph(graph, names)}
-    # The loss is chunked in the forward graph, before gradients exist. The rewrite matches the
-    # causal-LM loss (a mean SoftmaxCrossEntropyLoss); the DPO graph's per-token log-probabilities
-    # (no reduction, summed per row) do not match it, so DPO runs its LM head in one piece.
+    # The loss is chunked in the forward graph, before gradients exist. Only the causal-LM loss (a
+    # mean SoftmaxCrossEntropyLoss) matches. DPO's loss is a non-linear function of whole-row sums,
+    # so a chunk's backward needs every chunk's forward first; chunk k's (rows, vocab) log-probs
+    # cannot be freed before chunk k+1 starts (ordering them makes a cycle, checked) and chunking
+    # would save nothing. DPO runs its LM head over the reply positions in one piece.
     loss_chunks = chunk_loss(graph, OUTPUT_NAMES[0], opts.loss_chunks) if opts.memory_rewrites else 0
     frozen_inits = [t for t in graph.graph.initializer if t.name not in trainable_names]
     report("generating ONNX Runtime training artifacts (gradient graph, AdamW, checkpoint)")
