@@ -167,3 +167,34 @@ def test_resume_after_kill_with_evaluations_matches_uninterrupted_run(bundle, tm
     for a, b in zip(rg, rw):
         if "eval" in a:
             assert a["best"] == b["best"] and a["eval"]["loss"] == pytest.approx(b["eval"]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("content, expected", [("ckpt-00000004\n", "not a checkpoint folder (best-NNNNNNNN)"),
+                                               ("../../etc\n", "not a checkpoint folder"),
+                                               ("best-00000009\n", "which is missing")])
+def test_damaged_best_pointer_is_refused(tmp_path, content, expected):
+    from edgetune.errors import TrainingError
+    from edgetune.runtime.state import StateDir
+
+    state = StateDir(tmp_path / "state")
+    state.save_best({"step": 4}, {"x": np.zeros(2, np.float32)})
+    assert state.best().trainer["step"] == 4
+    (tmp_path / "state" / "BEST").write_text(content)
+    with pytest.raises(TrainingError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        state.best()
+
+
+def test_rewind_best_after_a_kill(tmp_path):
+    """Bests written after the resumed checkpoint go; BEST returns to the one that checkpoint recorded."""
+    from edgetune.runtime.state import StateDir
+
+    state = StateDir(tmp_path / "state")
+    for step in (3, 6, 9):
+        state.save_best({"step": step}, {"x": np.full(2, step, np.float32)})
+    state.prune_best(6)  # a checkpoint at step 7 recorded best 6
+    assert sorted(p.name for p in (tmp_path / "state").glob("best-*")) == ["best-00000006", "best-00000009"]
+    state.rewind_best(7, 6)  # killed after the eval at 9, resumed from 7
+    assert state.best().trainer["step"] == 6
+    assert sorted(p.name for p in (tmp_path / "state").glob("best-*")) == ["best-00000006"]
+    state.rewind_best(0, None)
+    assert state.best() is None and not list((tmp_path / "state").glob("best-*"))
