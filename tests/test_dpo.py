@@ -152,6 +152,8 @@ def test_train_eval_delta_to_peft(bundle, tmp_path):
     r = _cli("train", bundle, "--data", data, "--steps", 12, "--batch-size", 3, "--lr", 2e-2, "--quiet")
     assert r.returncode == 0, r.stderr
     assert "computing reference log-probabilities of 12 preference pairs" in r.stderr
+    r = _cli("train", bundle, "--data", data, "--steps", 12, "--batch-size", 3, "--lr", 2e-2, "--quiet", "--restart")
+    assert r.returncode == 0 and "computing reference" not in r.stderr, r.stderr  # --restart keeps the cache
     r = _cli("eval", bundle, "--data", _write(tmp_path / "held.jsonl"), "--json")
     assert r.returncode == 0, r.stderr
     ev = json.loads(r.stdout)

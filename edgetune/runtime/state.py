@@ -50,6 +50,7 @@ METRICS = "metrics.jsonl"
 MARKER = "edgetune-state.json"
 CHECKPOINT_NAME = re.compile(r"ckpt-\d{8}")
 BEST_NAME = re.compile(r"best-\d{8}")
+REFERENCE_NAME = re.compile(r"reference-[0-9a-f]{16}\.npy")
 # Every entry edgetune writes into a state folder: the files above, checkpoints, and the temp names
 # of checkpoints being written (".ckpt-N.partial"), of a checkpoint being swapped out
 # (".ckpt-N.old-<ns>", edgetune.atomic.replace_dir), of atomic file replacements
@@ -244,11 +245,15 @@ class StateDir:
             pointer.unlink()
 
     def clear(self) -> None:
-        """Delete what edgetune wrote here (the constructor refused any folder holding other entries)."""
+        """Delete what edgetune wrote here (the constructor refused any folder holding other entries).
+
+        Cached reference log-probabilities stay: they depend only on the data and the bundle (both
+        in their key), not on the run.
+        """
         if not self.folder.is_dir():
             return
         for child in self.folder.iterdir():
-            if child.name == MARKER or not OWN_ENTRY.fullmatch(child.name):
+            if child.name == MARKER or REFERENCE_NAME.fullmatch(child.name) or not OWN_ENTRY.fullmatch(child.name):
                 continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
