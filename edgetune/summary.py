@@ -25,7 +25,7 @@ def bundle_summary(bundle: Bundle) -> str:
     lines = [
         f"bundle      {folder}  (schema {m.schema_version})",
         f"base model  {m.base_model['id']}  [{m.base_model['model_type']}]  sha256 {m.base_sha256[:16]}…",
-        f"task        {m.task}",
+        f"task        {m.task}" + "".join(f", {k} {v}" for k, v in (m.task_config or {}).items()),
         f"method      {method}",
         f"trainable   {trainable:,} parameters in {len(m.trainable)} tensors ({100 * trainable / max(frozen, 1):.2f}% of the base)",
         f"frozen      {frozen:,} parameters; {quantized} of {len(m.frozen)} tensors {m.quantization if quantized else 'fp32'}",
