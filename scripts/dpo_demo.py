@@ -3,7 +3,7 @@
 export --task dpo -> held-out preference metrics and answers before -> train on the preference pairs
 (scripts/make_dpo_demo_data.py wrote them) -> the same after. Every step is a real edgetune command.
 
-    python scripts/dpo_demo.py [--out b-dpo] [--steps 48] [--threads 2]
+    python scripts/dpo_demo.py [--out b-dpo] [--steps 48] [--lr 1e-3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("b-dpo"))
     ap.add_argument("--steps", type=int, default=48)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     if not args.out.exists():
