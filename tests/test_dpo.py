@@ -77,7 +77,8 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def test_one_adamw_step_matches_pytorch_peft_dpo(dpo_bundle, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("backend_name", ["ort-training", "portable"])
+def test_one_adamw_step_matches_pytorch_peft_dpo(dpo_bundle, tiny_model_dir, tmp_path, backend_name):
     from edgetune.runtime.backend import open_backend
     from edgetune.runtime.dpo import TASK, preference_batch
     from edgetune.runtime.state import StateDir
@@ -85,7 +86,7 @@ def test_one_adamw_step_matches_pytorch_peft_dpo(dpo_bundle, tiny_model_dir, tmp
     opened = Bundle.open(dpo_bundle)
     manifest = opened.manifest
     pairs, _ = TASK.load(opened, _write(tmp_path / "p.jsonl"), 256, False)
-    backend = open_backend("ort-training", opened, with_eval=True)  # the reference pass runs the eval graph
+    backend = open_backend(backend_name, opened, with_eval=True)  # the reference pass runs the eval graph
     rng = np.random.default_rng(1)  # B != 0: the policy differs from the reference and A gets gradients
     start = {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in backend.initial_adapter().items()}
     backend.set_trainable(start)

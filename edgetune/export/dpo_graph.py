@@ -55,7 +55,10 @@ class DPOLoss(nn.Module):
         logps = sequence_logps(self.model, input_ids, attention_mask, labels)  # (R,)
         ratios = (logps - ref_logps).reshape(2, -1)  # (2, P): row 0 chosen, row 1 rejected
         margin = ratios[:1] - ratios[1:]  # (1, P)
-        return softplus(-self.beta * margin).mean()  # softplus(-x) = -log sigmoid(x)
+        losses = softplus(-self.beta * margin)  # (1, P); softplus(-x) = -log sigmoid(x)
+        # sum / P rather than mean: ORT's ReduceMean gradient uses its contrib op Scale, which the
+        # portable (stock onnxruntime) graph cannot run
+        return losses.sum() / margin.shape[1]
 
 
 def softplus(z: torch.Tensor) -> torch.Tensor:

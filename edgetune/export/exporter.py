@@ -158,7 +158,8 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
         memory = optimize_artifacts(tmp, OUTPUT_NAMES[0], opts.recompute).to_dict(opts.recompute)
     from edgetune.export.portable import export_portable  # after the memory plan: same graph, stock operators
 
-    portable = export_portable(tmp, trainable_names, report)
+    inputs = DPO_INPUTS if opts.task == "dpo" else TRAINING_GRAPH_INPUTS
+    portable = export_portable(tmp, trainable_names, report, batch_inputs=tuple(i.name for i in inputs))
     report("exporting the generation graph (key/value cache, adapter as inputs)")
     # Fixed adapter tensors are generation inputs like the trained ones (fed from the bundle on the device).
     # A method may trace a different view of the model for generation (prefix: the base decoder, its
@@ -200,7 +201,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
                    for t in trainables],
         frozen=frozen,
         quantization=opts.quantize,
-        inputs=DPO_INPUTS if opts.task == "dpo" else TRAINING_GRAPH_INPUTS,
+        inputs=inputs,
         outputs=list(OUTPUT_NAMES),
         tokenizer=tokenizer_info,
         generation=generation,

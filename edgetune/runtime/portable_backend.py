@@ -75,7 +75,7 @@ class PortableBackend:
         self._bundle = bundle
         self._hyper = AdamWHyper.from_manifest(manifest.optimizer)
         self._names = [t.graph_name for t in manifest.trainable]
-        self._inputs = [i.name for i in manifest.inputs]
+        self._inputs = [(i.name, np.dtype(i.dtype)) for i in manifest.inputs]  # dpo adds float32 ref_logps
         self._threads = threads
         self._train = self._eval = None  # sessions; built now when opened to run, else on first use
         if training:  # so that a step's time and memory are the step's own
@@ -122,13 +122,13 @@ class PortableBackend:
                               "re-export the bundle or use --backend ort-training.") from None
         have_in = {i.name for i in session.get_inputs()}
         have_out = {o.name for o in session.get_outputs()}
-        absent = [n for n in (*self._inputs, *self._names) if n not in have_in] + [n for n in outputs if n not in have_out]
+        absent = [n for n in (*(n for n, _ in self._inputs), *self._names) if n not in have_in] + [n for n in outputs if n not in have_out]
         if absent:
             raise BundleError(f"{path}: graph lacks {', '.join(absent[:3])} named by the manifest; re-export the bundle.")
         return session
 
     def _feed(self, batch: Batch) -> dict[str, np.ndarray]:
-        feed = {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs}
+        feed = {name: np.ascontiguousarray(batch[name], dtype=dtype) for name, dtype in self._inputs}
         feed.update(self._params)
         return feed
 
