@@ -1,4 +1,4 @@
-"""The Node.js reference client (devices/node/) against the Python trainer: 10 steps, same numbers.
+"""The Node.js reference client (devices/node/) against the Python portable backend: 10 steps, same numbers.
 
 Runs when node and npm are on the machine and the client's package is installed
 (`cd devices/node && npm install --ignore-scripts`); skipped otherwise.
@@ -37,7 +37,7 @@ def test_node_client_trains_like_the_python_trainer(tiny_bundle, tmp_path):
         labels = ids.copy()
         labels[:, :4] = -100  # a prompt part without loss
         batches.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels})
-    backend = open_backend("ort-training", bundle, threads=1)
+    backend = open_backend("portable", bundle, threads=1)  # the Python trainer that runs the same graph
     # a non-zero B so every tensor gets gradients from the first step
     start = {k: (v + 0.02 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in backend.trainable().items()}
     backend.set_trainable(start)
