@@ -50,14 +50,15 @@ def merge_adapter(bundle_dir: Path | str, manifest: Manifest, adapter: dict[str,
         raise BundleError(f"bundle {str(bundle_dir)!r} is missing its generation graph {info.file}; copy or re-export it.")
     proto = onnx.load(str(path))
     tensors = {name: np.asarray(adapter[g], dtype=np.float32) for name, g in info.adapter_inputs.items()}
-    merge_lora_graph(proto, tensors, lambda layer: spec.weight_delta(config, layer))
+    merge_lora_graph(proto, tensors, lambda module, layer: spec.weight_delta(config, layer, module))
     save_model(proto, Path(out_path))
 
 
 def merge_lora_graph(proto: onnx.ModelProto, tensors: dict[str, np.ndarray], weight_delta) -> None:
     """In place: fold every ``<module>.lora_A`` / ``<module>.lora_B`` input pair (given in ``tensors``).
 
-    ``weight_delta({"lora_A": A, "lora_B": B}) -> (out, in)`` is the method's merge (``MethodSpec.weight_delta``).
+    ``weight_delta(module, {"lora_A": A, "lora_B": B}) -> (out, in)`` is the method's merge
+    (``MethodSpec.weight_delta``); ``module`` is the layer's path, whose rank and alpha patterns may set its scaling.
     """
     graph = proto.graph
     layers: dict[str, dict[str, str]] = {}  # module -> {"lora_A": input name, "lora_B": input name}
@@ -82,7 +83,7 @@ def merge_lora_graph(proto: onnx.ModelProto, tensors: dict[str, np.ndarray], wei
         if uses.get(weight, 0) != 1:  # shared (e.g. tied) weight: merging would change its other uses too
             raise BundleError(f"base weight {weight!r} is read by {uses.get(weight, 0)} nodes; "
                               "merging supports layers with their own weight only.")
-        delta = weight_delta({role: tensors[name] for role, name in pair.items()})  # (out, in)
+        delta = weight_delta(module, {role: tensors[name] for role, name in pair.items()})  # (out, in)
         _fold(inits, dq, weight, delta)
     # Consumers of each join Add read the base output instead; the branch then feeds nothing.
     rename = {join.output[0]: base_out for join, base_out in joins.values()}

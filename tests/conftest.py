@@ -19,11 +19,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def _export(source: Path, out: Path, **kwargs) -> Path:
-    from edgetune.export.exporter import ExportOptions, export_bundle
-    from edgetune.methods import LoraConfig
+    import dataclasses
 
-    lora = LoraConfig(**{k: kwargs.pop(k) for k in ("rank", "alpha", "targets", "use_rslora", "freeze_a") if k in kwargs})
-    kwargs.setdefault("method_config", lora)  # another method: method="adapter", method_config=AdapterConfig(...)
+    from edgetune.export.exporter import ExportOptions, export_bundle
+    from edgetune.methods import get_method
+
+    config_class = get_method(kwargs.get("method", "lora")).config_class  # its fields go to the method config
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    config = config_class(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+    kwargs.setdefault("method_config", config)  # or given whole: method="adapter", method_config=AdapterConfig(...)
     export_bundle(ExportOptions(source=str(source), out=out, **kwargs))
     return out
 

@@ -15,7 +15,10 @@ def peft_model(model_dir: Path, manifest, adapter: dict[str, np.ndarray] | None 
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
     cfg = manifest.method["config"]
-    model = get_peft_model(base, LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], target_modules=list(cfg["targets"]),
+    targets = "all-linear" if list(cfg["targets"]) == ["all-linear"] else list(cfg["targets"])  # PEFT resolves it
+    model = get_peft_model(base, LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], target_modules=targets,
+                                            rank_pattern=dict(cfg.get("rank_pattern", {})),
+                                            alpha_pattern=dict(cfg.get("alpha_pattern", {})),
                                             lora_dropout=0.0, use_rslora=cfg["use_rslora"], task_type="CAUSAL_LM"))
     if adapter is not None:
         result = set_peft_model_state_dict(model, {k: torch.tensor(v) for k, v in adapter.items()})

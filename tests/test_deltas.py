@@ -191,3 +191,66 @@ def test_merge_folds_adapter_into_inference_graph(trained, tmp_path):
     feed = {**batch, "position_ids": np.tile(np.arange(10), (2, 1)), **{name: past for name in info.past_inputs}}
     got = session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0]
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_all_linear_with_patterns_round_trips_through_peft(export_tiny, tiny_model_dir, tmp_path):
+    """to-peft of an all-linear bundle with rank/alpha patterns: PEFT loads it with no key warnings and
+    gives the bundle's logits; PEFT's own save of it imports back unchanged; merge folds each layer's scaling."""
+    import json
+
+    import onnxruntime as ort
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.runtime.adapter_source import initial_adapter, latest_adapter
+    from edgetune.runtime.import_adapter import import_adapter
+
+    bundle = tmp_path / "b"
+    shutil.copytree(export_tiny(quantize="none", targets=("all-linear",), rank_pattern={"down_proj": 16, "o_proj": 2},
+                                alpha_pattern={r"layers\.0\..*_proj": 4}), bundle)
+    manifest = read_manifest(bundle)
+    rng = np.random.default_rng(3)
+    adapter = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in initial_adapter(Bundle.open(bundle)).items()}
+    import_adapter(Bundle.open(bundle), adapter, "test adapter")
+    assert _cli("delta", bundle, "--out", tmp_path / "d.etd", "--codec", "fp32").returncode == 0
+    r = _cli("to-peft", tmp_path / "d.etd", "--bundle", bundle, "--out", tmp_path / "peft")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_modules"] == "all-linear" and config["rank_pattern"] == {"down_proj": 16, "o_proj": 2}
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager", dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    assert not [w for w in caught if "key" in str(w.message).lower()], [str(w.message) for w in caught]
+    assert len([n for n, m in model.named_modules() if hasattr(m, "lora_A") and m.lora_A]) == 2 * 7
+    batch = _batch(manifest.base_model["config"]["vocab_size"])
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"])).logits.numpy()
+    ours = _logits_onnx(bundle, adapter, batch)
+    assert np.abs(ours - ref).max() <= 1e-3
+    # PEFT's own writer (target_modules resolved to module names) imports back as the same tensors
+    model.save_pretrained(tmp_path / "resaved")
+    fresh = tmp_path / "b2"
+    shutil.copytree(export_tiny(quantize="none", targets=("all-linear",), rank_pattern={"down_proj": 16, "o_proj": 2},
+                                alpha_pattern={r"layers\.0\..*_proj": 4}), fresh)
+    r = _cli("from-peft", tmp_path / "resaved", "--bundle", fresh)
+    assert r.returncode == 0, r.stderr
+    got = latest_adapter(Bundle.open(fresh)).tensors
+    for name in adapter:
+        np.testing.assert_array_equal(got[name], adapter[name])
+    # a PEFT folder with another alpha for one layer is refused, naming the layer
+    changed = json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())
+    changed["alpha_pattern"] = {}
+    (tmp_path / "resaved" / "adapter_config.json").write_text(json.dumps(changed))
+    r = _cli("from-peft", tmp_path / "resaved", "--bundle", fresh, "--force")
+    assert r.returncode == 2 and "layers.0" in r.stderr and "lora_alpha" in r.stderr, r.stderr
+    # merge applies each layer's own scaling
+    r = _cli("merge", bundle, "--out", tmp_path / "merged.onnx")
+    assert r.returncode == 0, r.stderr
+    session = ort.InferenceSession(str(tmp_path / "merged.onnx"))
+    names = {i.name for i in session.get_inputs()}
+    info = manifest.generation
+    past = np.zeros((2, info.num_kv_heads, 0, info.head_dim), np.float32)
+    feed = {**batch, "position_ids": np.tile(np.arange(10), (2, 1)), **{name: past for name in info.past_inputs}}
+    assert np.abs(session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0] - ours).max() <= 1e-4

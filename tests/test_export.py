@@ -38,12 +38,23 @@ def _ort_step(bundle, manifest, batch, lr, start: dict | None):
     return loss, before, backend.trainable()
 
 
+def _config(manifest):
+    from edgetune.methods import get_method
+
+    return get_method("lora").config(manifest)
+
+
 def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-@pytest.mark.parametrize("random_b, lora", [(False, {}), (True, {}), (True, {"use_rslora": True, "rank": 4, "targets": ("q_proj", "o_proj", "down_proj")})],
-                         ids=["exported-init", "nonzero-B", "rslora-r4-other-targets"])
+ALL_LINEAR_PATTERNS = {"targets": ("all-linear",), "rank_pattern": {"down_proj": 16, r"layers\.1\.self_attn\.[qk]_proj": 2},
+                       "alpha_pattern": {"o_proj": 4.0, "gate_proj": 64}}
+
+
+@pytest.mark.parametrize("random_b, lora", [(False, {}), (True, {}), (True, {"use_rslora": True, "rank": 4, "targets": ("q_proj", "o_proj", "down_proj")}),
+                                            (True, ALL_LINEAR_PATTERNS)],
+                         ids=["exported-init", "nonzero-B", "rslora-r4-other-targets", "all-linear-rank-alpha-patterns"])
 def test_one_adamw_step_matches_peft(export_tiny, tiny_model_dir, random_b, lora):
     tiny_bundle = export_tiny(quantize="none", **lora)
     manifest = read_manifest(tiny_bundle)
@@ -56,7 +67,15 @@ def test_one_adamw_step_matches_peft(export_tiny, tiny_model_dir, random_b, lora
         start = {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in initial_adapter(Bundle.open(tiny_bundle)).items()}
     loss, before, after = _ort_step(tiny_bundle, manifest, batch, lr, start)
     by_peft = {t.peft_key: before[t.graph_name] for t in manifest.trainable}
-    ref_loss, ref_after = peft_adamw_step(peft_model(tiny_model_dir, manifest, by_peft), batch, lr, manifest.optimizer)
+    reference = peft_model(tiny_model_dir, manifest, by_peft)
+    if lora is ALL_LINEAR_PATTERNS:  # PEFT chose the same layers, ranks and scalings
+        layers = {name: m for name, m in reference.base_model.model.named_modules() if hasattr(m, "lora_A")}
+        assert len(layers) == 2 * 7 and "lm_head" not in layers  # q, k, v, o, gate, up, down per layer; never the head
+        cfg = _config(manifest)
+        assert {n: (m.r["default"], m.scaling["default"]) for n, m in layers.items()} == {
+            n: (cfg.rank_of(n), cfg.scaling_of(n)) for n in layers}
+        assert {m.r["default"] for m in layers.values()} == {2, 8, 16}
+    ref_loss, ref_after = peft_adamw_step(reference, batch, lr, manifest.optimizer)
     assert abs(loss - ref_loss) <= RTOL * abs(ref_loss)
     assert set(ref_after) == {t.peft_key for t in manifest.trainable}
     for t in manifest.trainable:
@@ -110,6 +129,11 @@ def _cli(*args):
     (["export", "{model}", "--rank", "0", "--out", "{tmp}/o"], "`rank` must be a positive integer"),
     (["export", "{model}", "--quantize", "int3", "--out", "{tmp}/o"], "unsupported quantization 'int3'"),
     (["export", "{model}", "--targets", "q_proj,qkv", "--out", "{tmp}/o"], "qkv not found in this model; linear layers it has:"),
+    (["export", "{model}", "--rank-pattern", "down_proj", "--out", "{tmp}/o"], "--rank-pattern takes name=number pairs"),
+    (["export", "{model}", "--alpha-pattern", "o_proj=-2", "--out", "{tmp}/o"], "`alpha_pattern` value for 'o_proj' must be positive"),
+    (["export", "{model}", "--targets", "all-linear,q_proj", "--out", "{tmp}/o"], "all-linear already names every linear layer"),
+    (["export", "{model}", "--targets", "all-linear", "--rank-pattern", "down_prj=4", "--out", "{tmp}/o"],
+     "--rank-pattern 'down_prj' match(es) none of the adapted layers"),
     (["export", "{model}", "--out", "{tmp}"], "already exists; pass --force"),
     (["export", "{model}/config.json", "--out", "{tmp}/o"], "is not a .gguf file"),
     (["inspect", "{tmp}"], "has no edgetune.json"),

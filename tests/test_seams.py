@@ -191,7 +191,7 @@ def test_export_options_belong_to_their_method(monkeypatch):
     flags = {o.flag: o.methods for o in methods.cli_options()}
     assert flags["--width"] == ("bottleneck",) and {"bottleneck", "lora"} <= set(flags["--seed"])  # shared field, one flag
     with pytest.raises(ExportError, match="--width do\\(es\\) not apply to --method lora; its options are: "
-                                          "--rank, --alpha, --targets, --rslora, --seed"):
+                                          "--rank, --alpha, --targets, --rank-pattern, --alpha-pattern, --rslora, --seed"):
         method_config("lora", {"method_width": 8, "method_rank": 4})
     assert method_config("lora", {"method_rank": 4, "method_targets": "q_proj, k_proj", "method_use_rslora": False,
                                   "method_width": None}) == LoraConfig(rank=4, targets=("q_proj", "k_proj"))
@@ -203,3 +203,19 @@ def test_export_refuses_bad_method_options_before_loading_anything(tmp_path):
     assert r.returncode == 2 and "`rank` must be a positive integer, got 0" in r.stderr and "`alpha`" in r.stderr
     assert "no-model" not in r.stderr and not (tmp_path / "b").exists()
     assert "[lora] LoRA rank" in _cli("export", "--help").stdout
+
+
+def test_rank_and_alpha_patterns_parse_and_resolve_as_peft():
+    """``--rank-pattern 'a=16, b=4'`` becomes PEFT's rank_pattern; the first matching key wins, matched at the path's end."""
+    from edgetune.commands.export_cmds import method_config
+    from peft.utils.other import get_pattern_key
+
+    config = method_config("lora", {"method_targets": "all-linear", "method_rank_pattern": "down_proj=16, layers\\.1\\..*=4",
+                                    "method_alpha_pattern": "o_proj=2.5"})
+    assert config.rank_pattern == {"down_proj": 16, "layers\\.1\\..*": 4} and config.alpha_pattern == {"o_proj": 2.5}
+    for path in ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj",
+                 "model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj", "model.layers.10.mlp.down_proj_x"):
+        peft_key = get_pattern_key(config.rank_pattern.keys(), path)
+        assert config.rank_of(path) == config.rank_pattern.get(peft_key, config.rank), path
+    assert config.scaling_of("model.layers.0.self_attn.o_proj") == 2.5 / 8
+    assert config.to_dict()["rank_pattern"] == {"down_proj": 16, "layers\\.1\\..*": 4}

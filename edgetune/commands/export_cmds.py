@@ -21,7 +21,7 @@ def _method_options(command):
         if option.kind == "flag":
             command = click.option(option.flag, option.dest, is_flag=True, default=None, help=help_text)(command)
         else:
-            kind = {"int": int, "float": float, "list": str}[option.kind]
+            kind = {"int": int, "float": float, "list": str, "mapping": str}[option.kind]
             command = click.option(option.flag, option.dest, type=kind, default=None, help=help_text)(command)
     return command
 

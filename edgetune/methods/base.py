@@ -19,12 +19,13 @@ class CliOption:
     """One ``edgetune export`` option that sets a method config field.
 
     Declared on the field: ``metadata={"help": ..., "cli": "--rank"}``; the kind follows the
-    field's default (bool -> flag, tuple -> comma-separated list, int, float).
+    field's default (bool -> flag, tuple -> comma-separated list, dict -> comma-separated
+    ``key=number`` pairs, int, float).
     """
 
     flag: str
     field: str
-    kind: str  # "flag" | "list" | "int" | "float"
+    kind: str  # "flag" | "list" | "mapping" | "int" | "float"
     help: str
     methods: tuple[str, ...]
 
@@ -73,9 +74,12 @@ class MethodConfig:
         for f in dataclasses.fields(cls):
             if "cli" not in f.metadata:
                 continue
-            kind = ("flag" if isinstance(f.default, bool) else "list" if isinstance(f.default, tuple)
-                    else "int" if isinstance(f.default, int) else "float")
-            shown = ",".join(f.default) if kind == "list" else f.default
+            if f.default_factory is dict:  # type: ignore[comparison-overlap]
+                kind, shown = "mapping", "none"
+            else:
+                kind = ("flag" if isinstance(f.default, bool) else "list" if isinstance(f.default, tuple)
+                        else "int" if isinstance(f.default, int) else "float")
+                shown = ",".join(f.default) if kind == "list" else f.default
             help_text = f.metadata["help"] + ("" if kind == "flag" else f" [default: {shown}]")
             options.append(CliOption(f.metadata["cli"], f.name, kind, help_text, (cls.name,)))
         return options
@@ -83,10 +87,33 @@ class MethodConfig:
     @classmethod
     def from_cli(cls, given: dict) -> "MethodConfig":
         """The config from the options a user gave (field -> value); the rest keep their defaults."""
-        kinds = {o.field: o.kind for o in cls.cli_options()}
-        values = {k: tuple(t.strip() for t in v.split(",") if t.strip()) if kinds.get(k) == "list" else v
-                  for k, v in given.items()}
+        options = {o.field: o for o in cls.cli_options()}
+        values, problems = {}, []
+        for k, v in given.items():
+            kind = options[k].kind if k in options else None
+            if kind == "list":
+                v = tuple(t.strip() for t in v.split(",") if t.strip())
+            elif kind == "mapping":
+                v = _parse_pairs(options[k].flag, v, problems)
+            values[k] = v
+        if problems:
+            raise EdgetuneError("export options: " + "; ".join(problems) + ".")
         return cls.from_dict(values, where="export options")
+
+
+def _parse_pairs(flag: str, text: str, problems: list[str]) -> dict:
+    """``'down_proj=16, o_proj=4'`` -> ``{"down_proj": 16, "o_proj": 4}`` (numbers as int when whole)."""
+    pairs = {}
+    for item in (t.strip() for t in text.split(",")):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        try:
+            if not (sep and key):
+                raise ValueError
+            number = float(value)
+            pairs[key] = int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+        except ValueError:
+            problems.append(f"{flag} takes name=number pairs separated by commas (e.g. down_proj=16), got {item!r}")
+    return pairs
 
 
 class MethodSpec:
@@ -125,8 +152,8 @@ class MethodSpec:
         """Tensors (graph name -> array) that make the model equal its base, given any ``adapter`` for it."""
         raise NotImplementedError
 
-    def weight_delta(self, config: MethodConfig, layer: dict[str, np.ndarray]) -> np.ndarray:
-        """What merging adds to one layer's base weight (out, in), from its tensors by role."""
+    def weight_delta(self, config: MethodConfig, layer: dict[str, np.ndarray], module_path: str = "") -> np.ndarray:
+        """What merging adds to the base weight (out, in) of the layer at ``module_path``, from its tensors by role."""
         raise BundleError(f"method {self.name!r} cannot be merged into the generation graph.")
 
     def peft_key(self, module_path: str, role: str) -> str:

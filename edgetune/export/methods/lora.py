@@ -13,7 +13,7 @@ from torch import nn
 
 from edgetune.errors import ExportError
 from edgetune.export.methods import Trainable, register
-from edgetune.methods.lora import LORA as SPEC, TENSOR_ROLES, LoraConfig
+from edgetune.methods.lora import LORA as SPEC, TENSOR_ROLES, LoraConfig, pattern_key
 
 
 class LoraLinear(nn.Module):
@@ -36,8 +36,9 @@ class LoraLinear(nn.Module):
         self.scaling = scaling
 
     @classmethod
-    def from_base(cls, base: nn.Linear, config: LoraConfig, generator: torch.Generator) -> "LoraLinear":
-        layer = cls(base, config.rank, config.scaling)
+    def from_base(cls, base: nn.Linear, config: LoraConfig, generator: torch.Generator, path: str = "") -> "LoraLinear":
+        """Wrap ``base``, the layer at module ``path`` (whose rank and scaling the config's patterns may set)."""
+        layer = cls(base, config.rank_of(path), config.scaling_of(path))
         # PEFT's default init: kaiming_uniform_(a=sqrt(5)) on A -> U(-1/sqrt(in), 1/sqrt(in)).
         bound = 1.0 / math.sqrt(base.in_features)
         with torch.no_grad():
@@ -62,34 +63,56 @@ def _linear_names(model: nn.Module) -> set[str]:
     return {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def target_paths(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Module paths of the linear layers ``config.targets`` names, in model order.
+
+    ``all-linear`` is PEFT's shorthand: every ``nn.Linear`` except the model's output embedding
+    (the LM head), as ``peft.tuners.tuners_utils._maybe_include_all_linear_layers`` resolves it.
+    Otherwise a target is the last name of a layer (``q_proj``).
+    """
+    linear = [path for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if config.all_linear:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [path for path in linear if model.get_submodule(path) is not head]
+    available = _linear_names(model)
+    missing = [t for t in config.targets if t not in available]
+    if missing:
+        raise ExportError(
+            f"target module(s) {', '.join(missing)} not found in this model; "
+            f"linear layers it has: {', '.join(sorted(available))} (or all-linear)."
+        )
+    return [path for path in linear if path.rsplit(".", 1)[-1] in config.targets]
+
+
+def _check_patterns(config: LoraConfig, paths: list[str]) -> None:
+    """A pattern key that matches no adapted layer is a typo, not a no-op: refuse it by name."""
+    unused = [f"{flag} {key!r}" for flag, pattern in (("--rank-pattern", config.rank_pattern),
+                                                      ("--alpha-pattern", config.alpha_pattern))
+              for key in pattern if not any(pattern_key([key], path) == key for path in paths)]
+    if unused:
+        shown = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in paths}))
+        raise ExportError(f"{', '.join(unused)} match(es) none of the adapted layers ({shown}, e.g. {paths[0]}); "
+                          "give a layer name or a pattern matching the end of a module path.")
+
+
 class _Lora:
     name = SPEC.name
     config_class = LoraConfig
 
     def inject(self, model: nn.Module, config: LoraConfig) -> list[Trainable]:
-        """Wrap every ``nn.Linear`` whose last name is in ``config.targets``; freeze everything else."""
+        """Wrap every targeted ``nn.Linear`` (rank and scaling per its patterns); freeze everything else."""
         if not isinstance(config, LoraConfig):
             raise ExportError(f"method lora needs a LoraConfig, got {type(config).__name__}.")
-        available = _linear_names(model)
-        missing = [t for t in config.targets if t not in available]
-        if missing:
-            raise ExportError(
-                f"target module(s) {', '.join(missing)} not found in this model; "
-                f"linear layers it has: {', '.join(sorted(available))}."
-            )
+        paths = target_paths(model, config)
+        _check_patterns(config, paths)
         for p in model.parameters():
             p.requires_grad_(False)
         generator = torch.Generator().manual_seed(config.seed)
-        targets = [
-            (path, m)
-            for path, m in model.named_modules()
-            if isinstance(m, nn.Linear) and path.rsplit(".", 1)[-1] in config.targets
-        ]
         declared: list[Trainable] = []
-        for path, linear in targets:
+        for path in paths:
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, child, LoraLinear.from_base(linear, config, generator))
+            setattr(parent, child, LoraLinear.from_base(model.get_submodule(path), config, generator, path))
             for attr in LoraLinear.adapter_tensor_names:
                 declared.append(Trainable(path, attr, SPEC.peft_key(path, attr)))
         if config.freeze_a:  # FFA-LoRA: A is a constant of the graphs (see ``fixed``), B alone trains
