@@ -18,6 +18,7 @@ def bundle_summary(bundle: Bundle) -> str:
     folder, m = bundle.folder, bundle.manifest
     trainable = sum(_numel(t.shape) for t in m.trainable)
     frozen = sum(_numel(t.shape) for t in m.frozen)
+    base = m.base_model.get("parameters") or frozen  # the base model's own parameter count (full fine-tuning: all)
     quantized = sum(1 for t in m.frozen if t.quantization != "none")
     sizes = {name: (folder / name).stat().st_size for name in m.files}  # Bundle.open checked they exist
     spec = get_method(m.method["name"])
@@ -27,7 +28,7 @@ def bundle_summary(bundle: Bundle) -> str:
         f"base model  {m.base_model['id']}  [{m.base_model['model_type']}]  sha256 {m.base_sha256[:16]}…",
         f"task        {m.task}" + "".join(f", {k} {v}" for k, v in (m.task_config or {}).items()),
         f"method      {method}",
-        f"trainable   {trainable:,} parameters in {len(m.trainable)} tensors ({100 * trainable / max(frozen, 1):.2f}% of the base)",
+        f"trainable   {trainable:,} parameters in {len(m.trainable)} tensors ({100 * trainable / max(base, 1):.2f}% of the base)",
         f"frozen      {frozen:,} parameters; {quantized} of {len(m.frozen)} tensors {m.quantization if quantized else 'fp32'}",
         f"memory plan {memory_plan_text(m.producer)}",
         f"backends    {backends_text(m.portable)}",

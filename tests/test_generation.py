@@ -145,7 +145,7 @@ def test_logits_match_torch(exported, quantize):
         ref_off = _torch_logits(model, ids, mask)
     finally:
         _restore(model, saved)
-    off = gen.logits(ids, mask, disabled(manifest, adapter))
+    off = gen.logits(ids, mask, disabled(gb, adapter))
     tol = 1e-4 if not quantize else 0.05 * np.abs(ref[real]).max()  # stated in the module docstring
     assert np.abs(got[real] - ref[real]).max() <= tol
     assert np.abs(off[real] - ref_off[real]).max() <= tol

@@ -25,6 +25,34 @@ def _resolve(path: Path, manifest, since: Path | None, trusted: tuple[Path, ...]
     return resolve_delta(path, manifest, since=since, trusted_keys=load_public_keys(list(trusted)) if trusted else None)
 
 
+def _spec(manifest):
+    from edgetune.methods import get_method
+
+    return get_method(manifest.method["name"])
+
+
+def _exported(bundle: Path, manifest):
+    """A callable giving the bundle's exported trainable tensors by PEFT key (read on first call only)."""
+    cache: dict = {}
+
+    def read() -> dict:
+        if not cache:
+            from edgetune.bundle import Bundle
+            from edgetune.delta import AdapterTarget
+            from edgetune.runtime.adapter_source import initial_adapter
+
+            cache.update(AdapterTarget.of(manifest).by_peft(initial_adapter(Bundle.open(bundle, verify=False))))
+        return cache
+
+    return read
+
+
+def _trained_by_peft(path: Path, manifest, since: Path | None, trusted: tuple[Path, ...], bundle: Path) -> dict:
+    """The trained tensors (by PEFT key) a delta stands for: a method whose deltas are differences
+    from the exported tensors (full fine-tuning) gets those added back."""
+    return _spec(manifest).from_delta(_resolve(path, manifest, since, trusted).by_peft, _exported(bundle, manifest))
+
+
 class _DeltaCommand(click.Command):
     """``delta BUNDLE --out F`` writes a delta; ``delta inspect FILE ...`` reads one."""
 
@@ -62,7 +90,7 @@ def delta(ctx, bundle, out, codec, since, sign_key, round_id, state_dir, checkpo
 
     manifest, adapter = _bundle_adapter(bundle, state_dir, checkpoint)
     target = AdapterTarget.of(manifest)
-    tensors = target.by_peft(adapter.tensors)
+    tensors = _spec(manifest).to_delta(target.by_peft(adapter.tensors), _exported(bundle, manifest))
     kind, since_sha = "full", None
     if since is not None:
         reference = read_reference(since, target)
@@ -73,8 +101,11 @@ def delta(ctx, bundle, out, codec, since, sign_key, round_id, state_dir, checkpo
                 kind=kind, since_sha256=since_sha, num_examples=int(trainer.get("num_examples", 0)),
                 round_id=round_id, metrics=metrics, signing_key=load_private_key(sign_key) if sign_key else None)
     written = read_delta(out)
-    click.echo(f"wrote {out}: {kind} delta, {codec}, {out.stat().st_size:,} bytes, adapter: {adapter.origin}"
-               + (f", signed by {written.signer_fingerprint}" if sign_key else ""))
+    base_bytes = 4 * manifest.base_model.get("parameters", 0)
+    against = f" ({100 * out.stat().st_size / base_bytes:.2f} % of the fp32 base, {base_bytes:,} bytes)" if base_bytes else ""
+    relative = ", tensors are differences from the exported base" if _spec(manifest).delta_from_base else ""
+    click.echo(f"wrote {out}: {kind} delta, {codec}, {out.stat().st_size:,} bytes{against}, adapter: {adapter.origin}"
+               + relative + (f", signed by {written.signer_fingerprint}" if sign_key else ""))
 
 
 @click.command(name="inspect")
@@ -109,7 +140,7 @@ def to_peft(delta_path, bundle, out, since, trusted, force):
 
     manifest = read_manifest(bundle)
     tensors = {**read_fixed_peft(bundle, manifest),  # FFA-LoRA: lora_A comes from the bundle
-               **_resolve(delta_path, manifest, since, trusted).by_peft}
+               **_trained_by_peft(delta_path, manifest, since, trusted, bundle)}
     write_peft_adapter(out, manifest, tensors, force=force)
     click.echo(f"wrote {out}: load with {get_method(manifest.method['name']).folder_load_hint.format(folder=str(out))}")
 
@@ -124,7 +155,6 @@ def from_peft(folder, bundle, state_dir, force):
     adapters with use_safetensors=True) as the starting point of on-device training."""
     from edgetune.bundle import Bundle
     from edgetune.delta import AdapterTarget
-    from edgetune.peft_io import read_peft_adapter
     from edgetune.runtime.import_adapter import import_adapter
 
     opened = Bundle.open(bundle)
@@ -149,7 +179,10 @@ def merge(bundle, adapter, since, out, state_dir):
 
     manifest, latest = _bundle_adapter(bundle, state_dir)
     if adapter is not None:
-        tensors, origin = _resolve(adapter, manifest, since, ()).by_graph, str(adapter)
+        from edgetune.delta import AdapterTarget
+
+        tensors = AdapterTarget.of(manifest).by_graph(_trained_by_peft(adapter, manifest, since, (), bundle))
+        origin = str(adapter)
     else:
         tensors, origin = latest.tensors, latest.origin
     merge_adapter(bundle, manifest, tensors, out)

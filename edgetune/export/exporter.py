@@ -21,7 +21,7 @@ from edgetune.bundle import GraphInput, Manifest, TensorInfo, TokenizerInfo, wri
 from edgetune.constants import OPSET
 from edgetune.errors import ExportError
 from edgetune.export.artifacts import AdamWSettings
-from edgetune.methods import LoraConfig
+from edgetune.methods import LoraConfig, MethodConfig
 
 QUANTIZATIONS = ("int8", "none")
 TASKS = ("causal-lm", "dpo")
@@ -39,7 +39,7 @@ class ExportOptions:
     source: str | None  # HF folder, .gguf file, or built-in name (None = default model)
     out: Path
     method: str = "lora"
-    method_config: LoraConfig = field(default_factory=LoraConfig)
+    method_config: MethodConfig = field(default_factory=LoraConfig)
     quantize: str = "int8"
     task: str = "causal-lm"
     force: bool = False
@@ -59,6 +59,11 @@ class ExportOptions:
             raise ExportError(f"--loss-chunks must be between 1 and 256, got {self.loss_chunks}.")
         if self.quantize not in QUANTIZATIONS:
             raise ExportError(f"unsupported quantization {self.quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}.")
+        from edgetune.methods import get_method
+
+        refusal = get_method(self.method).quantized_base
+        if self.quantize != "none" and refusal:  # e.g. full fine-tuning trains every weight in fp32
+            raise ExportError(f"{refusal} (got --quantize {self.quantize}).")
         if self.task not in TASKS:
             raise ExportError(f"unsupported task {self.task!r}; choose one of: {', '.join(TASKS)}.")
         if self.beta is not None and self.task != "dpo":
@@ -92,12 +97,14 @@ def export_bundle(opts: ExportOptions, report: Callable[[str], None] = lambda ms
     model, tokenizer = load_model(source)
     if hasattr(method, "resolve_config"):  # a method whose config depends on the model (e.g. its width)
         opts.method_config = method.resolve_config(model, opts.method_config)
+    base_parameters = sum(p.numel() for p in model.parameters())  # before the method adds or unfreezes any
     trainables = method.inject(model, opts.method_config)
     fixed = method.fixed(model, opts.method_config) if hasattr(method, "fixed") else []  # e.g. FFA-LoRA's A
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.", suffix=".partial", dir=opts.out.parent))
     try:
-        manifest = _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, tmp, report)
+        manifest = _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, base_parameters, tmp,
+                          report)
         replace_dir(tmp, opts.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,7 +113,8 @@ def export_bundle(opts: ExportOptions, report: Callable[[str], None] = lambda ms
     return manifest
 
 
-def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, tmp: Path, report) -> Manifest:
+def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, base_parameters: int, tmp: Path,
+           report) -> Manifest:
     import onnx
 
     from edgetune.export import artifacts
@@ -191,7 +199,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
             "config": {k: getattr(config, k, None) for k in
                        ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                         "num_key_value_heads", "intermediate_size", "tie_word_embeddings")},
-            "parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+            "parameters": base_parameters,
         },
         task=opts.task,
         method={"name": method.name, "config": opts.method_config.to_dict(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from edgetune.errors import EdgetuneError
 from edgetune.methods.adapter import ADAPTER, AdapterConfig
 from edgetune.methods.base import CliOption, MethodConfig, MethodSpec
+from edgetune.methods.full import FULL, FullConfig
 from edgetune.methods.lora import LORA, LoraConfig
 from edgetune.methods.prefix import PREFIX, PrefixConfig
 
@@ -28,6 +29,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 register_method(LORA)
 register_method(ADAPTER)
 register_method(PREFIX)
+register_method(FULL)
 
 
 def method_names() -> list[str]:
@@ -56,5 +58,5 @@ def cli_options() -> list[CliOption]:
     return list(by_flag.values())
 
 
-__all__ = ["AdapterConfig", "CliOption", "LoraConfig", "MethodConfig", "MethodSpec", "cli_options", "config_from_dict",
-           "get_method", "method_names", "PrefixConfig", "register_method"]
+__all__ = ["AdapterConfig", "CliOption", "FullConfig", "LoraConfig", "MethodConfig", "MethodSpec", "cli_options",
+           "config_from_dict", "get_method", "method_names", "PrefixConfig", "register_method"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import numpy as np
 
@@ -127,6 +128,8 @@ class MethodSpec:
     folder_config_file: str = "adapter_config.json"  # that folder's files
     folder_weights: str = "adapter_model.safetensors"
     folder_load_hint: str = "peft.PeftModel.from_pretrained(base_model, {folder!r})"  # how the ecosystem loads it
+    quantized_base: str | None = None  # None: the frozen base may be quantized; else why it may not
+    delta_from_base = False  # True: a delta holds the difference from the exported tensors (``to_delta``)
 
     def config(self, manifest: "Manifest") -> MethodConfig:
         return self.config_class.from_dict(manifest.method.get("config"), where="the bundle's method config")
@@ -148,9 +151,21 @@ class MethodSpec:
         """One line for ``inspect`` and the end of ``export``."""
         return self.name
 
-    def adapter_off(self, manifest: "Manifest", adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Tensors (graph name -> array) that make the model equal its base, given any ``adapter`` for it."""
+    def adapter_off(self, manifest: "Manifest", adapter: dict[str, np.ndarray],
+                    base: Callable[[], dict[str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+        """Tensors (graph name -> array) that make the model equal its base, given any ``adapter`` for it.
+
+        ``base()`` returns the trainable tensors as exported (read only by methods that need them).
+        """
         raise NotImplementedError
+
+    def to_delta(self, tensors: dict[str, np.ndarray], base: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """What a delta ships for trained ``tensors``; ``base()``: the exported ones by the same keys."""
+        return tensors
+
+    def from_delta(self, tensors: dict[str, np.ndarray], base: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """The trained tensors a delta's tensors stand for (inverse of ``to_delta``)."""
+        return tensors
 
     def weight_delta(self, config: MethodConfig, layer: dict[str, np.ndarray], module_path: str = "") -> np.ndarray:
         """What merging adds to the base weight (out, in) of the layer at ``module_path``, from its tensors by role."""

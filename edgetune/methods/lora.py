@@ -161,7 +161,7 @@ class LoraSpec(MethodSpec):
         return (f"lora r={config.rank} alpha={config.alpha:g} on {','.join(config.targets)}"
                 + (" (rsLoRA)" if config.use_rslora else "") + patterns)
 
-    def adapter_off(self, manifest, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def adapter_off(self, manifest, adapter: dict[str, np.ndarray], base=None) -> dict[str, np.ndarray]:
         """B = 0 (A as given): the update scaling * B @ A vanishes, so every adapted layer is its base layer."""
         return {t.graph_name: np.zeros(t.shape, np.float32) if self.role(t) == "lora_B"
                 else np.array(adapter[t.graph_name], dtype=np.float32)

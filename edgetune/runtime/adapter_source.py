@@ -70,8 +70,10 @@ def check_adapter(manifest: Manifest, adapter: dict[str, np.ndarray]) -> None:
         raise BundleError(f"the adapter does not fit this bundle: {'; '.join(problems)}. Use an adapter trained for it.")
 
 
-def disabled(manifest: Manifest, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Tensors that switch ``adapter`` off, as the bundle's method defines it (LoRA: B = 0, A kept)."""
+def disabled(bundle: "Bundle", adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tensors that switch ``adapter`` off, as the bundle's method defines it (LoRA: B = 0, A kept;
+    full fine-tuning: the weights as exported, read from the bundle only then)."""
     from edgetune.methods import get_method
 
-    return get_method(manifest.method["name"]).adapter_off(manifest, adapter)
+    manifest = bundle.manifest
+    return get_method(manifest.method["name"]).adapter_off(manifest, adapter, lambda: initial_adapter(bundle))

@@ -25,7 +25,7 @@ class Answerer:
         self.tokenizer, self.template = load_text(bundle)
         self.generator = Generator(bundle, threads=threads)
         self.trained = latest_adapter(bundle, state_dir, checkpoint=checkpoint)
-        self.off = disabled(self.manifest, self.trained.tensors)
+        self.off = disabled(bundle, self.trained.tensors)
 
     def __call__(self, prompt: str, *, system: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, use_adapter: bool = True, raw: bool = False) -> str:

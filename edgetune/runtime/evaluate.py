@@ -63,7 +63,7 @@ def evaluate(bundle: Bundle, data: Path, *, batch_size: int = 4, max_seq_len: in
     used = adapter if adapter is not None else source.tensors
     backend.set_trainable(used)
     on = task.evaluate(bundle, backend, examples, batch_size)
-    backend.set_trainable(disabled(manifest, used))
+    backend.set_trainable(disabled(bundle, used))
     off = task.evaluate(bundle, backend, examples, batch_size)
     return {"adapter": "given" if adapter is not None else source.origin, "task": task.name, "metric": task.metric,
             "with_adapter": on, "without_adapter": off, "data": stats.__dict__ if hasattr(stats, "__dict__") else stats}
