@@ -131,6 +131,8 @@ def _cli(*args):
     (["export", "{model}", "--targets", "q_proj,qkv", "--out", "{tmp}/o"], "qkv not found in this model; linear layers it has:"),
     (["export", "{model}", "--rank-pattern", "down_proj", "--out", "{tmp}/o"], "--rank-pattern takes name=number pairs"),
     (["export", "{model}", "--alpha-pattern", "o_proj=-2", "--out", "{tmp}/o"], "`alpha_pattern` value for 'o_proj' must be positive"),
+    (["export", "{model}", "--quantize", "int4", "--block-size", "48", "--out", "{tmp}/o"], "--block-size must be one of 32, 64, 128, got 48"),
+    (["export", "{model}", "--method", "full", "--quantize", "int4", "--out", "{tmp}/o"], "pass --quantize none (got --quantize int4)"),
     (["export", "{model}", "--targets", "all-linear,q_proj", "--out", "{tmp}/o"], "all-linear already names every linear layer"),
     (["export", "{model}", "--targets", "all-linear", "--rank-pattern", "down_prj=4", "--out", "{tmp}/o"],
      "--rank-pattern 'down_prj' match(es) none of the adapted layers"),

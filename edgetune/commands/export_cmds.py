@@ -56,7 +56,11 @@ def _method_names() -> list[str]:
 @click.option("--method", type=click.Choice(_method_names()), default="lora", show_default=True,
               help="Adaptation method; the options marked [method] below set its config.")
 @_method_options
-@click.option("--quantize", default="int8", show_default=True, help="Frozen base weights: int8 (per output channel) or none (fp32).")
+@click.option("--quantize", default="int8", show_default=True,
+              help="Frozen base weights: int8 (per output channel), int4 (linear weights block-wise 4-bit, "
+                   "the embedding int8; generation uses int8) or none (fp32; needed by --method full).")
+@click.option("--block-size", type=int, default=64, show_default=True,
+              help="--quantize int4: input rows sharing one scale (32, 64 or 128).")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay (baked into the optimizer graph).")
 @click.option("--recompute", type=click.Choice(["full", "cheap", "mlp", "none"]), default="cheap", show_default=True,
               help="Activation recompute per residual block: full keeps only the block inputs (least memory); "
@@ -82,7 +86,7 @@ def _method_names() -> list[str]:
 @click.option("--ort-format", is_flag=True, help="Also write the training artifacts in ORT format (for minimal "
                                                  "mobile onnxruntime builds); the manifest records them.")
 @click.pass_context
-def export(ctx, model, out, method, quantize, weight_decay, recompute, loss_chunks, no_memory_rewrites, task, beta,
+def export(ctx, model, out, method, quantize, block_size, weight_decay, recompute, loss_chunks, no_memory_rewrites, task, beta,
            force, device, plan_batch_size, plan_seq_len, ort_format, **method_options):
     """Export MODEL (a Hugging Face folder, a .gguf file, or a built-in name; default smollm2-135m)
     with a trainable adapter into an ONNX Runtime training bundle."""
@@ -107,7 +111,7 @@ def export(ctx, model, out, method, quantize, weight_decay, recompute, loss_chun
             ort_format = True
     opts = ExportOptions(
         source=model, out=out, method=method, method_config=config,
-        quantize=quantize, force=force, adamw=AdamWSettings(weight_decay=weight_decay),
+        quantize=quantize, block_size=block_size, force=force, adamw=AdamWSettings(weight_decay=weight_decay),
         recompute=recompute, loss_chunks=loss_chunks, memory_rewrites=not no_memory_rewrites, task=task, beta=beta,
     )
     manifest = export_bundle(opts, report=lambda msg: click.echo(f"• {msg}", err=True))

@@ -23,7 +23,7 @@ from edgetune.errors import ExportError
 from edgetune.export.artifacts import AdamWSettings
 from edgetune.methods import LoraConfig, MethodConfig
 
-QUANTIZATIONS = ("int8", "none")
+QUANTIZATIONS = ("int8", "int4", "none")
 TASKS = ("causal-lm", "dpo")
 TRAINING_GRAPH_INPUTS = [
     GraphInput("input_ids", "int64", ["batch", "sequence"]),
@@ -41,6 +41,7 @@ class ExportOptions:
     method: str = "lora"
     method_config: MethodConfig = field(default_factory=LoraConfig)
     quantize: str = "int8"
+    block_size: int = 64  # --quantize int4: input rows per scale (quantization.INT4_BLOCK_SIZES)
     task: str = "causal-lm"
     force: bool = False
     adamw: AdamWSettings = field(default_factory=AdamWSettings)
@@ -60,7 +61,13 @@ class ExportOptions:
         if self.quantize not in QUANTIZATIONS:
             raise ExportError(f"unsupported quantization {self.quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}.")
         from edgetune.methods import get_method
+        from edgetune.quantization import INT4_BLOCK_SIZES
 
+        if self.quantize == "int4" and self.task != "causal-lm":
+            raise ExportError(f"--quantize int4 is available for --task causal-lm only, got --task {self.task}; "
+                              "use --quantize int8.")
+        if self.block_size not in INT4_BLOCK_SIZES:
+            raise ExportError(f"--block-size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, got {self.block_size}.")
         refusal = get_method(self.method).quantized_base
         if self.quantize != "none" and refusal:  # e.g. full fine-tuning trains every weight in fp32
             raise ExportError(f"{refusal} (got --quantize {self.quantize}).")
@@ -123,11 +130,13 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     from edgetune.export.memory import optimize_artifacts
     from edgetune.export.memory_loss import chunk_loss
     from edgetune.export.quantize import quantize_graph
-    from edgetune.quantization import INT8_SCHEME
+    from edgetune.export.quantize_int4 import EXPORT_OPSET, INT4_OPSET, linear_weights, quantize_graph_int4, restamp
+    from edgetune.quantization import INT4_SCHEME, INT8_SCHEME
     from edgetune.export.tokenizer_info import save_tokenizer
     from edgetune.export.training_graph import OUTPUT_NAMES, export_training_graph, graph_name
 
     full = tmp / "full_model.onnx"
+    int4 = opts.quantize == "int4"
     if opts.task == "dpo":
         from edgetune.export.dpo_graph import export_dpo_graph
 
@@ -135,9 +144,11 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
         export_dpo_graph(model, full, opts.beta)
     else:
         report("exporting the training graph (causal-LM loss)")
-        export_training_graph(model, full)
+        export_training_graph(model, full, opset=EXPORT_OPSET if int4 else OPSET)
     graph = onnx.load(str(full))
     full.unlink()
+    if int4:
+        restamp(graph)
     remove_zero_dropout(graph)
     trainable_names = [graph_name(t.torch_name) for t in trainables]
     fixed_keys = {graph_name(t.torch_name): t.peft_key for t in fixed}  # frozen adapter tensors: exact fp32
@@ -145,11 +156,17 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     missing = [n for n in trainable_names if n not in params]
     if missing:  # a declared tensor the exporter did not keep by name: a bug, not a user error
         raise RuntimeError(f"trainable tensors missing from the exported graph: {missing[:3]}")
-    quantized = set()
-    if opts.quantize == "int8":
-        report("quantizing frozen weights to int8 (per output channel)")
-        names = [n for n, t in params.items() if n not in trainable_names and n not in fixed_keys
-                 and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
+    quantized, quantized4, int4_tensors = set(), set(), []
+    names = [n for n, t in params.items() if n not in trainable_names and n not in fixed_keys
+             and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
+    if int4:
+        report(f"quantizing frozen linear weights to int4 (blocks of {opts.block_size}); the embedding to int8")
+        quantized4 = set(linear_weights(graph, names))
+        int4_tensors = quantize_graph_int4(graph, [n for n in names if n in quantized4], opts.block_size)
+        names = [n for n in names if n not in quantized4]
+    if opts.quantize in ("int8", "int4"):
+        if not int4:
+            report("quantizing frozen weights to int8 (per output channel)")
         quantized = {q.name for q in quantize_graph(graph, names)}
     # The loss is chunked in the forward graph, before gradients exist. Only the causal-LM loss (a
     # mean SoftmaxCrossEntropyLoss) matches. DPO's loss is a non-linear function of whole-row sums,
@@ -157,7 +174,8 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     # cannot be freed before chunk k+1 starts (ordering them makes a cycle, checked) and chunking
     # would save nothing. DPO runs its LM head over the reply positions in one piece.
     loss_chunks = chunk_loss(graph, OUTPUT_NAMES[0], opts.loss_chunks) if opts.memory_rewrites else 0
-    frozen_inits = [t for t in graph.graph.initializer if t.name not in trainable_names]
+    # INT4 tensors stay constants of the graphs: an ORT checkpoint cannot hold them
+    frozen_inits = [t for t in graph.graph.initializer if t.name not in trainable_names and t.name not in int4_tensors]
     report("generating ONNX Runtime training artifacts (gradient graph, AdamW, checkpoint)")
     artifacts.generate(graph, trainable_names, [t.name for t in frozen_inits], tmp, opts.adamw)
     memory = None
@@ -169,6 +187,8 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     inputs = DPO_INPUTS if opts.task == "dpo" else TRAINING_GRAPH_INPUTS
     portable = export_portable(tmp, trainable_names, report, batch_inputs=tuple(i.name for i in inputs))
     report("exporting the generation graph (key/value cache, adapter as inputs)")
+    # int4 bundles generate from int8 weights: optimum exports the KV-cache graph at opset 17, which
+    # cannot be re-stamped to the opset 21 that block-wise int4 needs.
     # Fixed adapter tensors are generation inputs like the trained ones (fed from the bundle on the device).
     # A method may trace a different view of the model for generation (prefix: the base decoder, its
     # tensors arriving as the initial cache); by default every adapter tensor becomes a graph input.
@@ -176,13 +196,14 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     adapter_tensors = trainables + fixed
     with view(model, adapter_tensors) if view else contextlib.nullcontext(adapter_tensors) as generation_inputs:
         generation = export_generation_graph(model, generation_inputs, tmp / "generation_model.onnx",
-                                             quantize=opts.quantize == "int8")
+                                             quantize=opts.quantize != "none")
     tokenizer_info = save_tokenizer(tokenizer, model, tmp)
 
     shape = {t.name: list(t.dims) for t in graph.graph.initializer}
     dtype = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in graph.graph.initializer}
     # The frozen list names the ORIGINAL fp32 tensors (as the model knows them) and how each is stored.
-    frozen = [TensorInfo(n, list(params[n].dims), "float32", quantization=INT8_SCHEME if n in quantized else "none")
+    scheme = {**{n: INT8_SCHEME for n in quantized}, **{n: INT4_SCHEME.format(block_size=opts.block_size) for n in quantized4}}
+    frozen = [TensorInfo(n, list(params[n].dims), "float32", quantization=scheme.get(n, "none"))
               for n in params if n not in trainable_names]
     if fixed:  # a frozen tensor with a PEFT key is a fixed adapter tensor; its exact values go beside it
         from onnx import numpy_helper
@@ -213,7 +234,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
         outputs=list(OUTPUT_NAMES),
         tokenizer=tokenizer_info,
         generation=generation,
-        producer={"edgetune": __version__, "opset": OPSET, "memory": memory},
+        producer={"edgetune": __version__, "opset": INT4_OPSET if int4 else OPSET, "memory": memory},
         portable=portable,
         task_config={"beta": opts.beta} if opts.task == "dpo" else {},
     )

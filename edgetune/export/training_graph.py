@@ -62,7 +62,7 @@ def dummy_batch(vocab_size: int, batch: int = 2, seq: int = 8) -> tuple[torch.Te
     return input_ids, attention_mask, labels
 
 
-def export_training_graph(model: nn.Module, path: Path) -> None:
+def export_training_graph(model: nn.Module, path: Path, opset: int = OPSET) -> None:
     """Export the loss graph in training mode (dropout kept as ops, no constant folding).
 
     Parameter names survive as initializer names (``model.model.layers.0...``), which is how the
@@ -79,7 +79,7 @@ def export_training_graph(model: nn.Module, path: Path) -> None:
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=dynamic,
-            opset_version=OPSET,
+            opset_version=opset,
             do_constant_folding=False,
             export_params=True,
             training=torch.onnx.TrainingMode.TRAINING,

@@ -1,0 +1,87 @@
+"""Weight-only block-wise int4 quantization of the frozen linear weights, as a training-graph rewrite.
+
+Exported, a linear weight W (out, in) is read as ``Transpose(W) -> MatMul``. Here W^T (in, out) is
+stored as INT4 values plus one fp32 scale per block of ``block_size`` input rows and output column
+(``edgetune.quantization.quantize_blocks``: symmetric, zero point 0), and the MatMul reads
+``DequantizeLinear(q, scale, zp, axis=0, block_size)`` directly. What ONNX Runtime 1.19.2's
+training build needs for this to load and train (each checked):
+  * opset 21 (block-wise DequantizeLinear and INT4 arrived there). The TorchScript exporter stops
+    at opset 20, so the graph is exported at 20 and re-stamped 21: opset 21 only extends types.
+    (From 17 it could not be: ReduceMean changed at 18.)
+  * no Transpose after the DequantizeLinear: with one, session start fails with "x_scale must be
+    ceil(Di/block_size) on the quantize axis"; so the weight is stored pre-transposed.
+  * the INT4 tensors stay graph constants, left out of the checkpoint's frozen parameters: an ORT
+    checkpoint cannot hold INT4 ("Unsupported data type: 22"). The fp32 scales may go there.
+Weights read otherwise (the embedding table, and a head tied to it) are left for the int8 rewrite.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgetune.onnx_graph import sort_graph
+from edgetune.quantization import quantize_blocks
+
+INT4_OPSET = 21  # block-wise DequantizeLinear with INT4
+EXPORT_OPSET = 20  # the TorchScript exporter's last opset; re-stamped INT4_OPSET by ``restamp``
+
+
+def restamp(model: onnx.ModelProto) -> None:
+    """Opset 20 -> 21 for the default domain (21 only adds types to operators 20 already has)."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            if opset.version != EXPORT_OPSET:
+                raise ValueError(f"int4 needs a graph exported at opset {EXPORT_OPSET}, got {opset.version}")
+            opset.version = INT4_OPSET
+
+
+def linear_weights(model: onnx.ModelProto, names: list[str]) -> list[str]:
+    """Of the 2-D fp32 initializers ``names``, those read only through ``Transpose(perm=[1, 0])``."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return [n for n in names if readers.get(n) and all(
+        r.op_type == "Transpose" and list(_perm(r)) == [1, 0] for r in readers[n])]
+
+
+def _perm(node: onnx.NodeProto):
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+
+
+def quantize_graph_int4(model: onnx.ModelProto, names: list[str], block_size: int) -> list[str]:
+    """Replace each named weight (read only through a Transpose) by INT4 W^T + scales + DequantizeLinear.
+
+    Returns the INT4 initializer names (to keep out of the checkpoint).
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    wanted = set(names)
+    transposes = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in wanted}
+    int4: list[str] = []
+    new_nodes = []
+    for name in names:
+        wt = numpy_helper.to_array(inits[name]).T  # (in, out)
+        q, scale = quantize_blocks(wt, block_size)
+        q_name, scale_name, zero_name, out = (f"{name}.int4", f"{name}.scale", f"{name}.zero_point", f"{name}.T")
+        graph.initializer.remove(inits[name])
+        graph.initializer.extend([
+            helper.make_tensor(q_name, TensorProto.INT4, list(q.shape), q.flatten().tolist()),  # packed two per byte
+            numpy_helper.from_array(scale, scale_name),
+            helper.make_tensor(zero_name, TensorProto.INT4, list(scale.shape), np.zeros(scale.size, np.int8).tolist()),
+        ])
+        new_nodes.append(helper.make_node("DequantizeLinear", [q_name, scale_name, zero_name], [out], axis=0,
+                                          block_size=block_size, name=f"{name}/DequantizeLinear"))
+        int4 += [q_name, zero_name]
+    rename = {t_out: f"{w}.T" for t_out, w in transposes.items()}  # readers of Transpose(W) read the DQ output
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    kept = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] in rename)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    sort_graph(graph, new_nodes)
+    return int4

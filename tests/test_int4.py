@@ -1,0 +1,97 @@
+"""--quantize int4: block-wise 4-bit frozen linear weights (embedding int8) that train in the ORT training build."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgetune.bundle import Bundle, read_manifest
+from tests.reference import peft_adamw_step, peft_model
+from tests.test_export import RTOL, _batch, _ort_step, _rel
+
+
+@pytest.fixture(scope="module", params=[32, 128])
+def int4_bundle(request, export_tiny):
+    return export_tiny(quantize="int4", block_size=request.param)
+
+
+def _quantized_like_the_bundle(model, block_size: int) -> None:
+    """In place: every frozen 2-D weight of a PEFT model replaced by what the bundle computes from its storage."""
+    import torch
+
+    from edgetune.quantization import dequantize_blocks, dequantize_rows, quantize_blocks, quantize_rows
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() != 2 or "lora_" in name:
+                continue
+            w = p.numpy()
+            if "embed_tokens" in name:  # the table (and the head tied to it) stays int8 per row
+                p.copy_(torch.tensor(dequantize_rows(*quantize_rows(w))))
+            else:  # linear weight (out, in): int4 blocks of W^T along `in`
+                p.copy_(torch.tensor(dequantize_blocks(*quantize_blocks(w.T.copy(), block_size), block_size).T.copy()))
+
+
+def test_manifest_and_checkpoint(int4_bundle, tiny_bundle_int8):
+    m = read_manifest(int4_bundle)
+    block = [t.quantization for t in m.frozen if "q_proj" in t.graph_name][0]
+    assert m.quantization == "int4" and m.producer["opset"] == 21 and block.startswith("int4-block")
+    schemes = {t.graph_name: t.quantization for t in m.frozen}
+    assert schemes["model.model.embed_tokens.weight"] == "int8-per-channel-symmetric"
+    assert all(s.startswith("int4-block") for n, s in schemes.items() if n.endswith("proj.base.weight") or "mlp" in n and n.endswith("weight"))
+    # the INT4 weights live in the graphs, not in the checkpoint
+    assert (int4_bundle / "checkpoint").stat().st_size < 0.6 * (tiny_bundle_int8 / "checkpoint").stat().st_size
+
+
+def test_eval_loss_close_to_fp32_and_trains(int4_bundle, tiny_bundle):
+    """Stated tolerance: the int4 base's eval loss within 3 % of the fp32 base's on the tiny model."""
+    from edgetune.runtime.backend import open_backend
+
+    batch = _batch(read_manifest(tiny_bundle))
+    fp32 = open_backend("ort-training", Bundle.open(tiny_bundle), with_eval=True, training=False).eval_loss(batch)
+    engine = open_backend("ort-training", Bundle.open(int4_bundle), with_eval=True, training=True)
+    before = engine.eval_loss(batch)
+    assert abs(before - fp32) <= 0.03 * fp32
+    for _ in range(4):
+        engine.train_step(batch)
+        engine.optimizer_step(1e-2)
+    assert engine.eval_loss(batch) < before - 0.05
+
+
+def test_one_adamw_step_matches_peft_on_the_dequantized_base(int4_bundle, tiny_model_dir):
+    """The int4 training step is exactly a PEFT step on the weights the int4 storage stands for (memory plan on)."""
+    from edgetune.runtime.adapter_source import initial_adapter
+
+    manifest = read_manifest(int4_bundle)
+    block_size = int(next(t.quantization for t in manifest.frozen if t.quantization.startswith("int4")).split("-")[1][5:])
+    rng = np.random.default_rng(1)
+    start = {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in initial_adapter(Bundle.open(int4_bundle)).items()}
+    batch, lr = _batch(manifest), 1e-3
+    loss, before, after = _ort_step(int4_bundle, manifest, batch, lr, start)
+    model = peft_model(tiny_model_dir, manifest, {t.peft_key: before[t.graph_name] for t in manifest.trainable})
+    _quantized_like_the_bundle(model, block_size)
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach().numpy().copy()))
+    ref_loss, ref_after = peft_adamw_step(model, batch, lr, manifest.optimizer)
+    assert abs(loss - ref_loss) <= RTOL * abs(ref_loss)
+    # AdamW's first step moves each element by lr * g / (|g| + eps): where the gradient is near eps
+    # (1e-8) float rounding decides the step, so those elements may differ by up to lr. Everywhere
+    # else the updated tensors must agree to RTOL.
+    noise = 100 * manifest.optimizer["eps"]
+    for t in manifest.trainable:
+        a, r = after[t.graph_name], ref_after[t.peft_key]
+        decided = np.abs(grads[t.peft_key.replace(".weight", ".default.weight")]) > noise
+        assert decided.mean() > 0.95, t.peft_key
+        assert _rel(np.where(decided, a, r), r) <= RTOL, t.peft_key
+        assert np.abs(a - r).max() <= lr, t.peft_key
+
+
+def test_generation_runs(int4_bundle):
+    from edgetune.runtime.adapter_source import initial_adapter
+    from edgetune.runtime.generate import Generator
+
+    ids = np.array([[5, 9, 12, 40]], np.int64)
+    logits = Generator(Bundle.open(int4_bundle)).logits(ids, np.ones_like(ids), initial_adapter(Bundle.open(int4_bundle)))
+    assert logits.shape[:2] == (1, 4) and np.isfinite(logits).all()
