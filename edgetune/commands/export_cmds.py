@@ -49,12 +49,18 @@ def _method_names() -> list[str]:
     return method_names()
 
 
+def _methods_help() -> str:
+    from edgetune.methods import get_method, method_names
+
+    return "; ".join(f"{name}: {get_method(name).description}" for name in method_names())
+
+
 @click.command()
 @click.argument("model", required=False)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bundle"), show_default=True,
               help="Bundle folder to write (refused if it exists, unless --force).")
 @click.option("--method", type=click.Choice(_method_names()), default="lora", show_default=True,
-              help="Adaptation method; the options marked [method] below set its config.")
+              help=f"Adaptation method ({_methods_help()}); the options marked [method] below set its config.")
 @_method_options
 @click.option("--quantize", default="int8", show_default=True,
               help="Frozen base weights: int8 (per output channel), int4 (linear weights block-wise 4-bit, "

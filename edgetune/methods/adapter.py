@@ -57,6 +57,7 @@ class AdapterConfig(MethodConfig):
     hidden_size: int = field(default=0, metadata={"help": "The model's width; the exporter fills it in (0: not yet known)."})
 
     name = "adapter"
+    description = "bottleneck adapters after the attention and/or MLP block (Houlsby)"
 
     def __post_init__(self) -> None:
         if isinstance(self.where, (list, tuple)):

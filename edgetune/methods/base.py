@@ -128,6 +128,7 @@ class MethodSpec:
     folder_config_file: str = "adapter_config.json"  # that folder's files
     folder_weights: str = "adapter_model.safetensors"
     folder_load_hint: str = "peft.PeftModel.from_pretrained(base_model, {folder!r})"  # how the ecosystem loads it
+    description: str = ""  # one line for ``edgetune export --help``
     quantized_base: str | None = None  # None: the frozen base may be quantized; else why it may not
     delta_from_base = False  # True: a delta holds the difference from the exported tensors (``to_delta``)
 

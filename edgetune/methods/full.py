@@ -43,6 +43,7 @@ class FullSpec(MethodSpec):
     name = "full"
     config_class = FullConfig
     layer_module = "edgetune.export.methods.full"
+    description = "every weight trainable in fp32 (needs --quantize none)"
     tensor_roles = ("weight", "bias")  # every parameter of a transformers model is one of these
     quantized_base = "--method full trains every weight in fp32, so the base cannot be quantized; pass --quantize none"
     delta_from_base = True

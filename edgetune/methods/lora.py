@@ -154,6 +154,7 @@ class LoraSpec(MethodSpec):
     config_class = LoraConfig
     layer_module = "edgetune.export.methods.lora"
     tensor_roles = TENSOR_ROLES
+    description = "low-rank A, B beside the chosen linear layers (PEFT LoRA)"
 
     def summary(self, config: LoraConfig) -> str:
         patterns = "".join(f"; {name} " + ",".join(f"{k}={v:g}" for k, v in pattern.items())

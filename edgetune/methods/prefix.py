@@ -58,6 +58,7 @@ class PrefixConfig(MethodConfig):
     hidden_size: int = field(default=0, metadata={"help": "Filled in by the exporter: the model's width."})
 
     name = "prefix"
+    description = "prefix tuning: trainable key/value vectors in every attention layer"
 
     def problems(self) -> list[str]:
         problems = []
