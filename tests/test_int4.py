@@ -95,3 +95,18 @@ def test_generation_runs(int4_bundle):
     ids = np.array([[5, 9, 12, 40]], np.int64)
     logits = Generator(Bundle.open(int4_bundle)).logits(ids, np.ones_like(ids), initial_adapter(Bundle.open(int4_bundle)))
     assert logits.shape[:2] == (1, 4) and np.isfinite(logits).all()
+
+
+def test_int4_packing_matches_onnx():
+    """Our numpy packing (two values per byte, first in the low nibble) reads back as ONNX's own packing."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgetune.export.quantize_int4 import int4_tensor
+
+    rng = np.random.default_rng(0)
+    for shape in [(5, 3), (64, 7), (4, 4)]:  # odd and even element counts
+        values = rng.integers(-8, 8, size=shape).astype(np.int8)
+        ours = numpy_helper.to_array(int4_tensor("a", values))
+        theirs = numpy_helper.to_array(helper.make_tensor("b", TensorProto.INT4, list(shape), values.flatten().tolist()))
+        np.testing.assert_array_equal(ours, values)
+        np.testing.assert_array_equal(ours, theirs)
