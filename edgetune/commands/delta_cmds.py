@@ -152,9 +152,11 @@ def to_peft(delta_path, bundle, out, since, trusted, force):
 @click.option("--force", is_flag=True, help="Replace a training run that is already in the state folder.")
 def from_peft(folder, bundle, state_dir, force):
     """Import an adapter FOLDER saved by PEFT (or, for a bottleneck-adapter bundle, by AdapterHub's
-    adapters with use_safetensors=True) as the starting point of on-device training."""
+    adapters with use_safetensors=True; for a full fine-tuning bundle, by `to-peft`) as the starting
+    point of on-device training."""
     from edgetune.bundle import Bundle
     from edgetune.delta import AdapterTarget
+    from edgetune.peft_io import read_peft_adapter
     from edgetune.runtime.import_adapter import import_adapter
 
     opened = Bundle.open(bundle)
