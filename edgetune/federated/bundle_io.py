@@ -55,6 +55,7 @@ def export_peft(store: Store, n: int, bundle: Path, out: Path, force: bool = Fal
     from edgetune.bundle import Bundle
     from edgetune.delta import AdapterTarget
     from edgetune.methods import get_method
+    from edgetune.peft_io import write_peft_adapter
     from edgetune.runtime.adapter_source import initial_adapter
 
     opened = Bundle.open(bundle)
@@ -70,9 +71,9 @@ def export_peft(store: Store, n: int, bundle: Path, out: Path, force: bool = Fal
         raise EdgetuneError(f"--bundle {bundle} is not the bundle this store was made from: {'; '.join(problems)}; "
                             "give that bundle.")
     tensors = {**fixed_peft_tensors(opened), **global_tensors(store, n)}
-    spec = get_method(manifest.method["name"])  # full fine-tuning: differences from the base, own folder
+    spec = get_method(manifest.method["name"])  # full fine-tuning: differences from the base
     tensors = spec.from_delta(tensors, lambda: AdapterTarget.of(manifest).by_peft(initial_adapter(opened)))
-    spec.write_folder(out, manifest, tensors, force=force)
+    write_peft_adapter(out, manifest, tensors, force=force)
 
 
 def fixed_peft_tensors(bundle) -> dict[str, np.ndarray]:
