@@ -170,7 +170,7 @@ def test_generate_and_merge_use_the_fixed_a(ffa, tmp_path):
     rng = np.random.default_rng(2)
     trained = {k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in initial_adapter(Bundle.open(ffa)).items()}
     with_b = gen.logits(batch["input_ids"], batch["attention_mask"], trained)
-    off = gen.logits(batch["input_ids"], batch["attention_mask"], disabled(m, trained))
+    off = gen.logits(batch["input_ids"], batch["attention_mask"], disabled(Bundle.open(ffa), trained))
     assert not np.allclose(with_b, off)
     assert set(read_fixed(ffa, m)) <= set(m.generation.adapter_inputs.values())
     bundle = tmp_path / "b"

@@ -129,7 +129,7 @@ def test_adapter_off_is_the_base_model_in_training_and_generation_graphs(export_
     bundle = export_tiny(quantize="none", method="prefix", method_config=CONFIGS["m3-projection24"])
     opened = Bundle.open(bundle)
     manifest = opened.manifest
-    off = disabled(manifest, initial_adapter(opened))
+    off = disabled(opened, initial_adapter(opened))
     batch = _batch(manifest)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager", dtype=torch.float32).eval()
     with torch.no_grad():

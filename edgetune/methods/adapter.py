@@ -105,7 +105,7 @@ class AdapterSpec(MethodSpec):
     def summary(self, config: AdapterConfig) -> str:
         return f"adapter dim={config.bottleneck} ({config.non_linearity}) after {','.join(config.where)}"
 
-    def adapter_off(self, manifest, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def adapter_off(self, manifest, adapter: dict[str, np.ndarray], base=None) -> dict[str, np.ndarray]:
         """up = 0 and its bias = 0 (down as given): every adapter adds zero, so each block is its base block."""
         return {t.graph_name: np.zeros(t.shape, np.float32) if self.role(t).startswith("adapter_up")
                 else np.array(adapter[t.graph_name], dtype=np.float32)

@@ -105,7 +105,7 @@ class PrefixSpec(MethodSpec):
         return (f"prefix m={config.num_virtual_tokens} in {config.num_layers} layers"
                 + (f" (trained through a {config.projection}-wide MLP)" if config.projection else ""))
 
-    def adapter_off(self, manifest, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def adapter_off(self, manifest, adapter: dict[str, np.ndarray], base=None) -> dict[str, np.ndarray]:
         """All zero: every virtual token is then masked out, so each attention layer is its base layer
         (with the projection, the output bias and weight are zero too, so the folded table is zero)."""
         return {t.graph_name: np.zeros(t.shape, np.float32) for t in self.trainable(manifest)}

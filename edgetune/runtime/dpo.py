@@ -92,7 +92,7 @@ def _prepare(bundle, backend, pairs: list[PreferencePair], state, data_sha256: s
         log(f"computing reference log-probabilities of {len(pairs)} preference pairs (adapter off; once, cached)")
         pad = manifest.tokenizer.pad_token_id
         current = backend.trainable()
-        backend.set_trainable(disabled(manifest, backend.initial_adapter()))
+        backend.set_trainable(disabled(bundle, backend.initial_adapter()))
         try:
             refs = np.array([[_row_logp(backend, p.chosen, pad, beta), _row_logp(backend, p.rejected, pad, beta)]
                              for p in pairs], dtype=np.float64)
