@@ -5,6 +5,7 @@ by the collector's own admission checks."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,18 @@ def _run_simulation(config: dict, strategy) -> object:
     def main(grid, context):
         results.append(run_rounds(grid, {**config}, strategy))
 
-    run_simulation(server_app=server, client_app=client, num_supernodes=NODES,
-                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
+    # Flower's Ray backend writes this process's sys.path into os.environ["PYTHONPATH"] and leaves
+    # it there; later tests that start another interpreter (the Python 3.12 environment) would
+    # then import this venv's 3.11 standard library. Put the variable back as it was.
+    saved = os.environ.get("PYTHONPATH")
+    try:
+        run_simulation(server_app=server, client_app=client, num_supernodes=NODES,
+                       backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     assert results, "the ServerApp did not finish"
     return results[0]
 
