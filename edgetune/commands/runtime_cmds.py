@@ -55,6 +55,10 @@ def _check_file(path: Path, option: str) -> None:
               help="Stop after K evaluations in a row without improvement (with --eval-data; evaluates every "
                    "--save-every steps unless --eval-every is given).")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed lines and records (counted) instead of stopping.")
+@click.option("--packing/--no-packing", default=None,
+              help="Pack several examples into each row of --max-seq-len tokens, attention kept within each "
+                   "example (default: on for instruction and chat data). --batch-size then counts rows.")
+@click.option("--group-by-length", is_flag=True, help="Unpacked: batch examples of similar length (less padding).")
 @BACKEND
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @THREADS
@@ -64,7 +68,8 @@ def _check_file(path: Path, option: str) -> None:
 @click.option("--emulate", default=None, help="Run here under this device profile's threads and a hard memory cap.")
 @click.pass_context
 def train(ctx, bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len, lr, warmup, seed, save_every,
-          resume, restart, eval_data, eval_every, early_stop, skip_bad, backend, quiet, threads, state_dir, device, emulate):
+          resume, restart, eval_data, eval_every, early_stop, skip_bad, packing, group_by_length, backend, quiet, threads,
+          state_dir, device, emulate):
     """Fine-tune the bundle's adapter on DATA, on this device. Checkpoints are crash-safe."""
     from edgetune.bundle import Bundle
     from edgetune.runtime.trainer import TrainOptions, train as run
@@ -82,7 +87,7 @@ def train(ctx, bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len,
                         save_every=save_every, resume=resume, restart=restart, skip_bad=skip_bad,
                         backend=backend, state_dir=state_dir,
                         eval_data=eval_data if (eval_every or early_stop) else None, eval_every=eval_every,
-                        early_stop=early_stop)
+                        early_stop=early_stop, packing=packing, group_by_length=group_by_length)
     bundle = Bundle.open(bundle)  # hashed once, shared by the evaluations before and after
     if device is not None:  # before any data is read or a session built
         from edgetune.devices.fit import check_fits
@@ -98,6 +103,8 @@ def train(ctx, bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len,
                if result.losses else f"nothing to do: the run is already at step {end}")
     if result.losses:
         click.echo(f"{result.tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s)")
+        click.echo(f"batches: {result.layout}; efficiency {100 * result.efficiency:.1f} % "
+                   f"({result.tokens:,} real tokens / {result.row_tokens:,} row tokens)")
     click.echo(f"data: {d['examples']} examples ({d['shape']}), {d['truncated']} truncated to {max_seq_len} tokens, "
                f"{d['skipped_bad']} bad lines skipped, {d['dropped_empty']} dropped with no label tokens")
     click.echo(f"checkpoint: {result.checkpoint}")

@@ -224,6 +224,8 @@ def _argv(ctx, drop: set[str]) -> list[str]:
         elif param.is_flag:
             if value:
                 options.append(param.opts[0])
+            elif param.secondary_opts:  # an on/off pair left unset is None (skipped above): False is --no-...
+                options.append(param.secondary_opts[0])
         elif value != param.default:
             options += [param.opts[0], str(value)]
     return positional + options

@@ -25,13 +25,18 @@ from edgetune.methods import LoraConfig, MethodConfig
 
 QUANTIZATIONS = ("int8", "int4", "none")
 TASKS = ("causal-lm", "dpo")
-TRAINING_GRAPH_INPUTS = [
+LEGACY_INPUTS = [  # the causal-LM graph before packing (ExportOptions.packing=False), and DPO's batch
     GraphInput("input_ids", "int64", ["batch", "sequence"]),
     GraphInput("attention_mask", "int64", ["batch", "sequence"]),
     GraphInput("labels", "int64", ["batch", "sequence"]),
 ]
 # dpo: the reference model's summed response log-probabilities, one per row (export/dpo_graph.py)
-DPO_INPUTS = [*TRAINING_GRAPH_INPUTS, GraphInput("ref_logps", "float32", ["batch"])]
+DPO_INPUTS = [*LEGACY_INPUTS, GraphInput("ref_logps", "float32", ["batch"])]
+
+
+def training_graph_inputs(names) -> list[GraphInput]:
+    """What the manifest says the causal-LM training graph takes: every input (B, T) int64, in graph order."""
+    return [GraphInput(name, "int64", ["batch", "sequence"]) for name in names]
 
 
 @dataclass
@@ -49,6 +54,7 @@ class ExportOptions:
     loss_chunks: int = 8  # the LM head + loss over label positions in this many chunks (1: one piece)
     memory_rewrites: bool = True  # False: the graphs exactly as ORT's gradient builder makes them
     beta: float | None = None  # dpo: strength of the KL penalty towards the reference (default 0.1)
+    packing: bool = True  # False: the older graph (0/1 mask, no position_ids input) that cannot take packed rows
 
     def __post_init__(self) -> None:
         from edgetune.export.memory import RECOMPUTE_POLICIES
@@ -144,7 +150,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
         export_dpo_graph(model, full, opts.beta)
     else:
         report("exporting the training graph (causal-LM loss)")
-        export_training_graph(model, full, opset=EXPORT_OPSET if int4 else OPSET)
+        input_names = export_training_graph(model, full, opset=EXPORT_OPSET if int4 else OPSET, packing=opts.packing)
     graph = onnx.load(str(full))
     full.unlink()
     if int4:
@@ -184,7 +190,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
         memory = optimize_artifacts(tmp, OUTPUT_NAMES[0], opts.recompute).to_dict(opts.recompute)
     from edgetune.export.portable import export_portable  # after the memory plan: same graph, stock operators
 
-    inputs = DPO_INPUTS if opts.task == "dpo" else TRAINING_GRAPH_INPUTS
+    inputs = DPO_INPUTS if opts.task == "dpo" else training_graph_inputs(input_names)
     portable = export_portable(tmp, trainable_names, report, batch_inputs=tuple(i.name for i in inputs))
     report("exporting the generation graph (key/value cache, adapter as inputs)")
     # int4 bundles generate from int8 weights: optimum exports the KV-cache graph at opset 17, which

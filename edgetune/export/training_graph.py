@@ -1,8 +1,14 @@
 """The causal-LM training graph: a model wrapper that outputs its own scalar loss.
 
 Graph inputs: input_ids (B, T) int64, attention_mask (B, T) int64, labels (B, T) int64 (IGNORE_INDEX
-= -100: masked, e.g. prompt tokens and padding). Output: ``loss``, the mean cross-entropy over the label
-positions after the causal shift. The language-model head runs only on label positions, so
+= -100: masked, e.g. prompt tokens and padding), position_ids (B, T) int64. Output: ``loss``, the mean
+cross-entropy over the label positions after the causal shift.
+
+Packed rows (several examples in one row): ``attention_mask`` holds segment ids — 1, 2, 3... per
+example, 0 for padding — and ``position_ids`` restart at 0 for each example, so each example sees
+only itself (a block-diagonal causal mask) at the rotary positions it would have alone. A plain
+0/1 padding mask with positions 0..T-1 is the one-example-per-row case. Bundles exported with
+``packing=False`` have the older three inputs and a 0/1 mask only. The language-model head runs only on label positions, so
 prompt tokens and padding never produce (N, vocab) logits — less memory and fewer FLOPs.
 """
 
@@ -17,20 +23,26 @@ from torch import nn
 
 from edgetune.constants import IGNORE_INDEX, OPSET
 
-INPUT_NAMES = ("input_ids", "attention_mask", "labels")
+INPUT_NAMES = ("input_ids", "attention_mask", "labels", "position_ids")
+LEGACY_INPUT_NAMES = INPUT_NAMES[:3]  # bundles that cannot take packed rows
 OUTPUT_NAMES = ("loss",)
 
 
 class CausalLMLoss(nn.Module):
     """Wraps a Hugging Face ``*ForCausalLM``; parameter names become ``model.<hf name>``."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, packing: bool = True):
         super().__init__()
         self.model = model
+        self.packing = packing
 
-    def forward(self, input_ids, attention_mask, labels):
-        mask = additive_causal_mask(attention_mask)
-        hidden = self.model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    def forward(self, input_ids, attention_mask, labels, position_ids=None):
+        if self.packing:
+            mask = segment_causal_mask(attention_mask)
+            hidden = self.model.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        else:
+            mask = additive_causal_mask(attention_mask)
+            hidden = self.model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         width = hidden.shape[-1]
         h = hidden[:, :-1, :].reshape(-1, width)  # (B*(T-1), H): position t predicts token t+1
         y = labels[:, 1:].reshape(-1)  # (B*(T-1),)
@@ -52,6 +64,23 @@ def additive_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(allowed, zero, torch.tensor(torch.finfo(torch.float32).min))
 
 
+def segment_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids (0 = padding) -> (B, 1, T, T) additive mask, block-diagonal and causal.
+
+    Query t sees key s when both lie in the same example (segment > 0) and s <= t. A padding
+    query sees itself only, so no softmax row is empty; its output never reaches a label.
+    Standard ONNX ops only (Equal, Greater, LessOrEqual, And, Or, Where).
+    """
+    positions = torch.arange(segments.shape[1], device=segments.device)
+    causal = positions[None, :] <= positions[:, None]  # (T, T): key s <= query t
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    real = (segments > 0)[:, None, :]  # (B, 1, T): the key is a token, not padding
+    itself = positions[None, :] == positions[:, None]  # (T, T)
+    allowed = ((same & real & causal[None]) | itself[None])[:, None, :, :]  # (B, 1, T, T)
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(allowed, zero, torch.tensor(torch.finfo(torch.float32).min))
+
+
 def dummy_batch(vocab_size: int, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, ...]:
     """A batch with masked prompt positions, so the exported graph keeps its masking path."""
     g = torch.Generator().manual_seed(0)
@@ -59,24 +88,25 @@ def dummy_batch(vocab_size: int, batch: int = 2, seq: int = 8) -> tuple[torch.Te
     attention_mask = torch.ones(batch, seq, dtype=torch.int64)
     labels = input_ids.clone()
     labels[:, : seq // 2] = IGNORE_INDEX
-    return input_ids, attention_mask, labels
+    position_ids = torch.arange(seq).repeat(batch, 1)
+    return input_ids, attention_mask, labels, position_ids
 
 
-def export_training_graph(model: nn.Module, path: Path, opset: int = OPSET) -> None:
+def export_training_graph(model: nn.Module, path: Path, opset: int = OPSET, packing: bool = True) -> tuple[str, ...]:
     """Export the loss graph in training mode (dropout kept as ops, no constant folding).
 
     Parameter names survive as initializer names (``model.model.layers.0...``), which is how the
-    manifest and ``generate_artifacts`` address them.
+    manifest and ``generate_artifacts`` address them. Returns the graph's input names, in order.
     """
-    wrapper = CausalLMLoss(model)
-    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-               "labels": {0: "batch", 1: "sequence"}}
+    wrapper = CausalLMLoss(model, packing)
+    names = INPUT_NAMES if packing else LEGACY_INPUT_NAMES
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in names}
     with torch.no_grad(), quiet_export():
         torch.onnx.export(
             wrapper,
-            dummy_batch(model.config.vocab_size),
+            dummy_batch(model.config.vocab_size)[: len(names)],
             str(path),
-            input_names=list(INPUT_NAMES),
+            input_names=list(names),
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=dynamic,
             opset_version=opset,
@@ -85,6 +115,7 @@ def export_training_graph(model: nn.Module, path: Path, opset: int = OPSET) -> N
             training=torch.onnx.TrainingMode.TRAINING,
             dynamo=False,
         )
+    return names
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from edgetune.errors import EdgetuneError
 if TYPE_CHECKING:
     from edgetune.bundle import Bundle
 
-Batch = dict[str, np.ndarray]  # input_ids / attention_mask / labels, each (B, T) int64
+Batch = dict[str, np.ndarray]  # input_ids / attention_mask / labels (/ position_ids), each (B, T) int64
 AUTO = "auto"
 
 

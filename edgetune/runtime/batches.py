@@ -10,7 +10,7 @@ from edgetune.constants import IGNORE_INDEX
 
 
 def pad_batch(examples, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T) int64."""
+    """Right-pad to the longest example: input_ids, attention_mask, labels, position_ids, each (B, T) int64."""
     width = max(len(e.input_ids) for e in examples)
     ids = np.full((len(examples), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(examples), width), dtype=np.int64)
@@ -18,7 +18,25 @@ def pad_batch(examples, pad_id: int) -> dict[str, np.ndarray]:
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n], mask[row, :n], labels[row, :n] = e.input_ids, 1, e.labels
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": default_positions(ids)}
+
+
+def default_positions(input_ids: np.ndarray) -> np.ndarray:
+    """(B, T) positions 0..T-1 in every row: one example per row, as transformers numbers them."""
+    return np.broadcast_to(np.arange(input_ids.shape[1], dtype=np.int64), input_ids.shape).copy()
+
+
+def graph_inputs(batch: dict[str, np.ndarray], names: list[str], dtypes: list | None = None) -> list[np.ndarray]:
+    """The arrays a training graph takes, in the manifest's ``inputs`` order, contiguous, of ``dtypes`` (int64 by default).
+
+    A batch without ``position_ids`` (one example per row) gets positions 0..T-1; a graph without
+    that input (bundles exported before packing) is simply not fed it.
+    """
+    def array(name: str, dtype) -> np.ndarray:
+        value = batch[name] if name in batch or name != "position_ids" else default_positions(batch["input_ids"])
+        return np.ascontiguousarray(value, dtype=dtype)
+
+    return [array(name, dtype) for name, dtype in zip(names, dtypes or [np.int64] * len(names))]
 
 
 class BatchPlan:

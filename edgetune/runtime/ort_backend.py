@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetune.runtime.backend import Batch
+from edgetune.runtime.batches import graph_inputs
 from edgetune.runtime.ort_import import training_api
 from edgetune.runtime.session_options import training_options
 
@@ -54,7 +55,7 @@ class OrtTrainingBackend:
         return self._module
 
     def _feed(self, batch: Batch) -> list[np.ndarray]:
-        return [np.ascontiguousarray(batch[name], dtype=dtype) for name, dtype in self._inputs]
+        return graph_inputs(batch, [name for name, _ in self._inputs], [dtype for _, dtype in self._inputs])
 
     # --- TrainingBackend ----------------------------------------------------------------------
     def train_step(self, batch: Batch) -> float:

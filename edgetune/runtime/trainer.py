@@ -20,14 +20,16 @@ from pathlib import Path
 from edgetune.bundle import Bundle, sha256_file
 from edgetune.errors import EdgetuneError, TrainingError
 from edgetune.runtime.backend import choose_backend, open_backend
-from edgetune.runtime.batches import BatchPlan
 from edgetune.runtime.eval_tracker import EvalTracker
+from edgetune.runtime.packing import SHUFFLED, choose_layout, collate, make_plan
 from edgetune.runtime.schedule import LinearSchedule
 from edgetune.runtime.state import StateDir
 from edgetune.runtime.tasks import get_task
 
 # What must match for --resume to continue the same run (anything else may change, e.g. threads).
-RUN_IDENTITY = ("data_sha256", "seed", "batch_size", "grad_accum", "max_seq_len", "total_steps", "lr", "warmup", "eval")
+RUN_IDENTITY = ("data_sha256", "seed", "batch_size", "grad_accum", "max_seq_len", "total_steps", "lr", "warmup", "eval",
+                "layout")
+LEGACY_IDENTITY = {"layout": SHUFFLED}  # runs saved before a setting existed ran with this value
 
 
 @dataclass
@@ -51,6 +53,8 @@ class TrainOptions:
     eval_data: Path | None = None  # held-out data evaluated during training
     eval_every: int | None = None  # steps between evaluations (default with eval_data: save_every)
     early_stop: int | None = None  # evaluations without improvement before stopping
+    packing: bool | None = None  # None: pack instruction and chat data (runtime/packing.py)
+    group_by_length: bool = False  # unpacked batches of similar lengths
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_seq_len", "save_every"):
@@ -62,6 +66,8 @@ class TrainOptions:
             raise EdgetuneError(f"`--epochs` must be positive, got {self.epochs}.")
         if self.steps is not None and self.epochs is not None:
             raise EdgetuneError("give --steps or --epochs, not both.")
+        if self.packing and self.group_by_length:
+            raise EdgetuneError("--group-by-length sorts unpacked batches; give it with --no-packing, or drop --packing.")
         if self.resume and self.restart:
             raise EdgetuneError("give --resume or --restart, not both.")
         if (self.eval_every is not None or self.early_stop is not None) and self.eval_data is None:
@@ -83,6 +89,13 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)  # {"step", metrics...} of each evaluation this call ran
     best: dict | None = None  # {"step", "metrics", "folder"} of the best evaluation so far
     stopped_early_at: int | None = None
+    layout: str = SHUFFLED
+    row_tokens: int = 0  # batch rows x width: real tokens + padding
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / row tokens: how much of what the graph computed was not padding."""
+        return self.tokens / self.row_tokens if self.row_tokens else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -107,19 +120,22 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
             "or --restart to start over from the bundle's adapter."
         )
 
-    plan = BatchPlan(len(examples), opts.batch_size, opts.seed)
+    # Packing and length grouping are for causal-LM rows; other tasks' batches are their own (runtime/tasks.py).
+    layout = choose_layout(opts.packing, opts.group_by_length, stats.shape, manifest, log) if manifest.task == "causal-lm" else SHUFFLED
+    plan = make_plan(layout, examples, opts.batch_size, opts.seed, opts.max_seq_len)
     per_epoch = math.ceil(plan.batches_per_epoch / opts.grad_accum)
     total = opts.steps or max(1, math.ceil((opts.epochs or 1.0) * per_epoch))
     identity = {"data_sha256": sha256_file(opts.data), "seed": opts.seed, "batch_size": opts.batch_size,
                 "grad_accum": opts.grad_accum, "max_seq_len": opts.max_seq_len, "total_steps": total,
-                "lr": opts.lr, "warmup": opts.warmup,
+                "lr": opts.lr, "warmup": opts.warmup, "layout": layout,
                 "eval": {"data_sha256": sha256_file(opts.eval_data), "every": tracker.every, "early_stop": tracker.patience}
                 if tracker else None}
     start = 0
     if latest is not None and opts.resume and latest.trainer.get("step", 0) > 0:
         saved = latest.trainer.get("run")
         saved = saved if isinstance(saved, dict) else {}  # a damaged trainer.json: every setting "changed"
-        changed = [f"{k}: {saved.get(k)!r} -> {identity[k]!r}" for k in RUN_IDENTITY if saved.get(k) != identity[k]]
+        changed = [f"{k}: {saved.get(k, LEGACY_IDENTITY.get(k))!r} -> {identity[k]!r}" for k in RUN_IDENTITY
+                   if saved.get(k, LEGACY_IDENTITY.get(k)) != identity[k]]
         if changed:
             raise EdgetuneError(f"cannot --resume: the run's settings changed ({'; '.join(changed)}); "
                                 "use the same data and options, or pass --restart.")
@@ -138,7 +154,7 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
     # the first checkpoint) are redone, so metrics.jsonl equals an uninterrupted run's.
     state.truncate_metrics(start)
     state.rewind_best(start, tracker.best_step if tracker else None)  # bests a killed run wrote after `start`
-    result = TrainResult(steps=total, start_step=start, data=asdict(stats))
+    result = TrainResult(steps=total, start_step=start, data=asdict(stats), layout=layout)
     if latest is not None and opts.resume and latest.trainer.get("stopped_early"):
         result.stopped_early_at, result.checkpoint = start, latest.folder
         result.best = _best_summary(state)
@@ -190,8 +206,11 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
     for step in range(start, total):
         step_start, step_loss, step_tokens = time.perf_counter(), 0.0, 0
         for _ in range(opts.grad_accum):
-            _, _, indices = next(batches)
-            batch = task.batch([examples[i] for i in indices], pad)
+            _, _, rows = next(batches)
+            if manifest.task == "causal-lm":  # rows of one or more examples (runtime/packing.py)
+                batch = collate(examples, rows, pad)
+            else:
+                batch = task.batch([examples[i] for row in rows for i in row], pad)
             loss = backend.train_step(batch)
             if not math.isfinite(loss):
                 backend.discard_gradients()
@@ -200,7 +219,8 @@ def train(bundle: Bundle, opts: TrainOptions, progress: bool = True, log=print) 
                 raise TrainingError(f"the loss became {loss} at step {step + 1}; training stopped and {where}. "
                                     "Lower --lr or check the data.")
             step_loss += loss / opts.grad_accum
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += int((batch["attention_mask"] > 0).sum())  # segment ids: 0 is padding
+            result.row_tokens += batch["input_ids"].size
         lr = schedule(step)
         backend.optimizer_step(lr)
         elapsed = time.perf_counter() - step_start
