@@ -28,6 +28,8 @@ from bench.table import NAMES  # noqa: E402
 from bench.workers import LEARNING_RATE  # noqa: E402
 
 GEMM_N, GEMM_RUNS = 2048, 10
+INT8_GEMMS = ("int8", "int8-dynamic")  # bench/workers.py GEMM_KINDS: MatMulInteger, DynamicQuantizeMatMul
+DEFAULT_DATA = HERE.parent / "edgetune" / "data" / "records-train.jsonl"
 OTHERS_LIMIT = 0.15  # cores other processes may take during a timed run before the bench warns
 LORA = {"rank": 8, "alpha": 16, "targets": "q_proj,v_proj"}  # what a fresh export uses
 
@@ -54,15 +56,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of each row labelled -100 (a prompt without loss), e.g. 0.5")
     p.add_argument("--skip-torch", action="store_true", help="measure edgetune only")
     p.add_argument("--skip-portable", action="store_true", help="measure the ort-training backend only")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="real instruction data (JSONL) for the second comparison: edgetune packed vs PyTorch+PEFT padded")
+    p.add_argument("--data-examples", type=int, default=16, help="examples per step on the real data (both trainers)")
+    p.add_argument("--max-seq-len", type=int, default=256, help="edgetune's packed row length on the real data")
+    p.add_argument("--skip-data", action="store_true", help="skip the real-data comparison")
     p.add_argument("--json-out", type=Path, default=HERE / "results" / "latest.json", help="where to write the JSON")
     args = p.parse_args(argv)
     problems = [f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}."
-                for name, low in (("threads", 1), ("batch_size", 1), ("seq_len", 2), ("steps", 1), ("warmup", 1))
+                for name, low in (("threads", 1), ("batch_size", 1), ("seq_len", 2), ("steps", 1), ("warmup", 1),
+                                  ("data_examples", 1), ("max_seq_len", 8))
                 if getattr(args, name) < low]
     if not 0.0 <= args.prompt_fraction or label_positions(make_batch(2, 1, args.seq_len, args.prompt_fraction)["labels"]) == 0:
         problems.append(f"--prompt-fraction must leave labels in a row of {args.seq_len} tokens, got {args.prompt_fraction}.")
     if args.bundle is not None and not (args.bundle / "edgetune.json").is_file():
         problems.append(f"--bundle {args.bundle} has no edgetune.json; give a folder written by `edgetune export`.")
+    if not args.skip_data and not args.data.is_file():
+        problems.append(f"--data {args.data} is not a file; give a JSONL file of instruction records, or --skip-data.")
     if problems:
         p.error(" ".join(problems))
     return args
@@ -138,7 +148,9 @@ def portable_ratios(trainers: dict) -> dict | None:
 
 def warnings(r: dict) -> list[str]:
     """Signs that other processes shared the CPU while something was timed: then the timings say little."""
-    windows = {"GEMM": r["gemm"], **{NAMES.get(n, n): t for n, t in r["trainers"].items()}}
+    windows = {"GEMM": r["gemm"], **{NAMES.get(n, n): t for n, t in r["trainers"].items()},
+               **{f"{g['op']} GEMM": g for g in r.get("gemm_int8", {}).values()},
+               **{f"{NAMES.get(n, n)} on real data": t for n, t in ((r.get("real_data") or {}).get("trainers") or {}).items()}}
     busy = {n: w["other_cores"] for n, w in windows.items() if (w.get("other_cores") or 0) > OTHERS_LIMIT}
     if not busy:
         return []
@@ -156,8 +168,9 @@ def measure(args, tmp: Path) -> dict:
     common = {"batch": args.batch_size, "seq": args.seq_len, "threads": args.threads, "steps": args.steps,
               "warmup": args.warmup, "prompt_fraction": args.prompt_fraction}
     gemm_args = {"threads": args.threads, "n": GEMM_N, "runs": GEMM_RUNS}
-    say(f"GEMM rate ({GEMM_N}^3 fp32, {args.threads} threads)")
+    say(f"GEMM rates ({GEMM_N}^3 fp32, and int8: {', '.join(INT8_GEMMS)}; {args.threads} threads)")
     gemms = [worker("gemm", gemm_args)]
+    int8 = {kind: [worker("gemm", {**gemm_args, "kind": kind})] for kind in INT8_GEMMS}
     say("edgetune training steps (ort-training backend)")
     runs = {"edgetune": worker("edgetune", {**common, "bundle": str(bundle)})}
     if not args.skip_portable and (manifest.portable or {}).get("supported"):
@@ -168,9 +181,20 @@ def measure(args, tmp: Path) -> dict:
         lora = {k: manifest.method["config"][k] for k in ("rank", "alpha", "targets", "use_rslora")}
         adamw = {k: manifest.optimizer[k] for k in ("betas", "eps", "weight_decay")}
         runs["pytorch_peft"] = worker("torch", {**common, "model": model, "lora": lora, "adamw": adamw})
-    say("GEMM rate again (the faster of the two runs is the yardstick)")
+    real = {}
+    if not args.skip_data:
+        steps = {"data": str(args.data), "examples": args.data_examples, "max_seq_len": args.max_seq_len,
+                 "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "bundle": str(bundle)}
+        say(f"real data ({args.data.name}, {args.data_examples} examples a step): edgetune packed")
+        real["edgetune"] = worker("edgetune", steps)
+        if not args.skip_torch:
+            say("real data: PyTorch+PEFT padded to the longest example of each step")
+            real["pytorch_peft"] = worker("torch", {**steps, "model": model, "lora": lora, "adamw": adamw})
+    say("GEMM rates again (the faster of the two runs is the yardstick)")
     gemms.append(worker("gemm", gemm_args))
-    return {"manifest": manifest, "export": export_info, "gemms": gemms, "runs": runs,
+    for kind in INT8_GEMMS:
+        int8[kind].append(worker("gemm", {**gemm_args, "kind": kind}))
+    return {"manifest": manifest, "export": export_info, "gemms": gemms, "int8_gemms": int8, "runs": runs, "real": real,
             "bundle": sizes.bundle_bytes(bundle), "delta": sizes.delta_bytes(manifest)}
 
 
@@ -204,8 +228,37 @@ def summarize(args, argv, m: dict) -> dict:
         "trainers": trainers,
         "ratios": ratios(trainers["edgetune"], trainers["pytorch_peft"]) if "pytorch_peft" in trainers else None,
         "portable_vs_ort_training": portable_ratios(trainers),
+        "gemm_int8": {kind: gemm_summary(runs) for kind, runs in m["int8_gemms"].items()},
+        "real_data": real_summary(args, m["real"]) if m["real"] else None,
     }
     return result
+
+
+def gemm_summary(runs: list[dict]) -> dict:
+    """The faster of the before/after runs of one GEMM kind (GOP/s: int8 operations count like FLOPs)."""
+    rates = [g["flop"] / statistics.median(g["times"]) for g in runs]
+    best = runs[rates.index(max(rates))]
+    return {"op": best["op"], "gop_per_s": max(rates) / 1e9, "gop_per_s_before_after": [x / 1e9 for x in rates],
+            "times_s": best["times"], "other_cores": max((g["other_cores"] or 0) for g in runs)}
+
+
+def real_summary(args, runs: dict) -> dict:
+    """Useful (non-padding) tokens per second over the timed steps, and how much of each batch was padding."""
+    trainers = {}
+    for name, r in runs.items():
+        timed = slice(args.warmup, args.warmup + args.steps)
+        real, rows = sum(r["real_tokens"][timed]), sum(r["row_tokens"][timed])
+        trainers[name] = {
+            "useful_tokens_per_s": real / sum(r["times"]), "step_s": statistics.median(r["times"]),
+            "step_times_s": r["times"], "efficiency": real / rows, "useful_tokens": real, "row_tokens": rows,
+            "shapes": r["shapes"][timed], "first_loss": r["losses"][0], "losses": r["losses"],
+            "peak_rss_bytes": r["peak_rss_bytes"], "other_cores": r["other_cores"], "cores_busy": r["cores_busy"],
+        }
+    e, t = trainers.get("edgetune"), trainers.get("pytorch_peft")
+    return {"data": str(args.data.name), "examples_per_step": args.data_examples, "max_seq_len": args.max_seq_len,
+            "steps": args.steps, "warmup": args.warmup, "trainers": trainers,
+            "speedup_useful_tokens_per_s": e["useful_tokens_per_s"] / t["useful_tokens_per_s"] if e and t else None,
+            "peak_rss_ratio": e["peak_rss_bytes"] / t["peak_rss_bytes"] if e and t else None}
 
 
 def main(argv=None) -> None:

@@ -52,6 +52,9 @@ def render(r: dict) -> str:
         f"edgetune memory plan {memory_plan_text({'memory': c['memory_plan']} if 'memory_plan' in c else {})}",
         f"{m['cpu']}, {m['cores']} cores, load average at start {m['load_average_at_start'][0]}; "
         f"median of {c['steps']} steps after {c['warmup']} warm-up",
+        # results written before the features were recorded have no "simd" key
+        f"CPU SIMD features: {', '.join(m['simd']) if m.get('simd') else 'not recorded'}",
+        gemm_line(r),
         "",
     ]
     width = 30
@@ -69,7 +72,7 @@ def render(r: dict) -> str:
             row += f"{_ratio(trainers[a].get(key), trainers[b].get(key)) if shown else '':>18}"
         lines.append(row)
     f = r["flops"]
-    tail = [
+    tail = real_data_lines(r) + [
         "",
         f"GEMM: {r['gemm']['n']}^3 fp32 MatMul in ONNX Runtime, {m['threads']} threads: "
         f"{r['gemm']['gflop_per_s']:.0f} GFLOP/s (the faster of "
@@ -102,3 +105,40 @@ def render(r: dict) -> str:
                         if s.get("steps_peak_growth_ratio") is not None else "")]
     tail += [f"WARNING: {w} Timings are not comparable; run again on a quiet machine." for w in r["warnings"]]
     return "\n".join(head + lines + tail)
+
+
+def gemm_line(r: dict) -> str:
+    """The limits each ratio is read against: fp32 and int8 GEMM rates of this run."""
+    parts = [f"fp32 MatMul {r['gemm']['gflop_per_s']:.0f} GFLOP/s"]
+    parts += [f"int8 {g['op']} {g['gop_per_s']:.0f} GOP/s ({g['gop_per_s'] / r['gemm']['gflop_per_s']:.2f}x)"
+              for g in (r.get("gemm_int8") or {}).values()]
+    return f"GEMM rates ({r['gemm']['n']}^3, ONNX Runtime): " + "; ".join(parts)
+
+
+def real_data_lines(r: dict) -> list[str]:
+    """The second table: real instruction data, edgetune packed vs PyTorch+PEFT padded."""
+    d = r.get("real_data")
+    if not d:
+        return []
+    trainers = d["trainers"]
+    names = list(trainers)
+    width = 30
+    out = ["", f"real data: {d['data']}, {d['examples_per_step']} examples a step (the same for both), "
+               f"{d['steps']} timed steps after {d['warmup']} warm-up; edgetune packs rows of {d['max_seq_len']} tokens, "
+               "PyTorch+PEFT pads each step to its longest example",
+           f"{'':<{width}}" + "".join(f"{NAMES[n]:>15}" for n in names) + (f"{'edgetune/PyTorch':>18}" if len(names) == 2 else "")]
+    rows = [("useful tokens/s", "useful_tokens_per_s", lambda x: f"{x:.0f}", True),
+            ("step time, median s", "step_s", lambda x: f"{x:.3f}", False),
+            ("real tokens / row tokens", "efficiency", lambda x: f"{100 * x:.1f}%", False),
+            ("loss at step 1", "first_loss", lambda x: f"{x:.4f}", False),
+            ("peak RSS, whole process (OS)", "peak_rss_bytes", _gb, True),
+            ("  cores others took meanwhile", "other_cores", lambda x: "—" if x is None else f"{x:.2f}", False)]
+    for label, key, fmt, ratio in rows:
+        row = f"{label:<{width}}" + "".join(f"{fmt(trainers[n][key]):>15}" for n in names)
+        if ratio and len(names) == 2:
+            row += f"{_ratio(trainers[names[0]][key], trainers[names[1]][key]):>18}"
+        out.append(row)
+    shapes = {n: sorted({tuple(s) for s in trainers[n]["shapes"]}) for n in names}
+    out.append("batch shapes (rows x tokens): " + "; ".join(
+        f"{NAMES[n]} " + ", ".join(f"{a}x{b}" for a, b in shapes[n]) for n in names))
+    return out
