@@ -61,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-examples", type=int, default=16, help="examples per step on the real data (both trainers)")
     p.add_argument("--max-seq-len", type=int, default=256, help="edgetune's packed row length on the real data")
     p.add_argument("--skip-data", action="store_true", help="skip the real-data comparison")
+    p.add_argument("--grid", action="store_true",
+                   help="instead of the comparison: step time and peak RSS of both trainers for every batch x "
+                        "sequence length of --grid-batches x --grid-seqs (writes bench/results/grid.json)")
+    p.add_argument("--grid-batches", default="1,4,8", help="batch sizes of the --grid")
+    p.add_argument("--grid-seqs", default="128,256,512", help="sequence lengths of the --grid")
     p.add_argument("--json-out", type=Path, default=HERE / "results" / "latest.json", help="where to write the JSON")
     args = p.parse_args(argv)
     problems = [f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}."
@@ -71,7 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append(f"--prompt-fraction must leave labels in a row of {args.seq_len} tokens, got {args.prompt_fraction}.")
     if args.bundle is not None and not (args.bundle / "edgetune.json").is_file():
         problems.append(f"--bundle {args.bundle} has no edgetune.json; give a folder written by `edgetune export`.")
-    if not args.skip_data and not args.data.is_file():
+    if args.grid and args.json_out == HERE / "results" / "latest.json":
+        args.json_out = HERE / "results" / "grid.json"
+    if not args.skip_data and not args.grid and not args.data.is_file():
         problems.append(f"--data {args.data} is not a file; give a JSONL file of instruction records, or --skip-data.")
     if problems:
         p.error(" ".join(problems))
@@ -270,6 +277,8 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmp:
         try:
+            if args.grid:
+                return grid_main(args, argv, info, Path(tmp), started)
             measured = measure(args, Path(tmp))
         except (ChildFailed, EdgetuneError) as exc:
             sys.exit(f"bench: {exc}")
@@ -279,6 +288,38 @@ def main(argv=None) -> None:
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     print(table.render(result))
+    print(f"\nwrote {args.json_out} ({result['bench_wall_s']:.0f} s)")
+
+
+def grid_main(args, argv, info: dict, tmp: Path, started: float) -> None:
+    from bench.grid import render_grid, run_grid
+    from edgetune.bundle import read_manifest
+
+    bundle, export_info = export(args, tmp)
+    manifest = read_manifest(bundle, verify=False)
+    torch_args = None
+    if not args.skip_torch:
+        torch_args = {"model": torch_model(args, manifest),
+                      "lora": {k: manifest.method["config"][k] for k in ("rank", "alpha", "targets", "use_rslora")},
+                      "adamw": {k: manifest.optimizer[k] for k in ("betas", "eps", "weight_decay")}}
+    cells = run_grid(args, bundle, torch_args, say)
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.executable).name, "bench/run.py", *argv]),
+              "config": {"model": manifest.base_model["id"], "quantize": manifest.quantization,
+                         "memory_plan": manifest.producer.get("memory"), "steps": args.steps, "warmup": args.warmup,
+                         "prompt_fraction": args.prompt_fraction},
+              "export": export_info, "grid": cells, "machine": info, "versions": machine.versions(),
+              "bench_wall_s": time.perf_counter() - started}
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{manifest.base_model['id']}, edgetune base {manifest.quantization}; {info['cpu']}, "
+          f"SIMD: {', '.join(info['simd']) or 'not recorded'}; {args.threads} threads; median of {args.steps} steps "
+          f"after {args.warmup} warm-up; peak RSS = whole process (OS)")
+    print(render_grid(cells))
+    busy = [f"{c['batch']}x{c['seq']} {NAMES[n]}" for c in cells for n, t in c["trainers"].items()
+            if (t.get("other_cores") or 0) > OTHERS_LIMIT]
+    if busy:
+        print(f"WARNING: other processes used the CPU during {len(busy)} of the timed runs; timings are not comparable.")
     print(f"\nwrote {args.json_out} ({result['bench_wall_s']:.0f} s)")
 
 
