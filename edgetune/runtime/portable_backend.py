@@ -24,6 +24,7 @@ import numpy as np
 from edgetune.errors import BundleError, EdgetuneError
 from edgetune.runtime.adamw import AdamWHyper, AdamWState, adamw_step
 from edgetune.runtime.backend import Batch
+from edgetune.runtime.batches import graph_inputs
 from edgetune.runtime.ort_checkpoint import TrainableState, read_trainable, write_checkpoint
 from edgetune.runtime.ort_import import onnxruntime
 from edgetune.runtime.session_options import training_options
@@ -128,7 +129,8 @@ class PortableBackend:
         return session
 
     def _feed(self, batch: Batch) -> dict[str, np.ndarray]:
-        feed = {name: np.ascontiguousarray(batch[name], dtype=dtype) for name, dtype in self._inputs}
+        names, dtypes = [n for n, _ in self._inputs], [d for _, d in self._inputs]
+        feed = dict(zip(names, graph_inputs(batch, names, dtypes)))  # position_ids 0..T-1 when absent
         feed.update(self._params)
         return feed
 
