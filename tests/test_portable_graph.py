@@ -42,7 +42,10 @@ def _portable(bundle: Path, manifest: Manifest, batch: dict, adapter: dict) -> t
     import onnxruntime as ort
 
     portable = manifest.portable
-    feeds = {**batch, **adapter}
+    from edgetune.runtime.batches import graph_inputs
+
+    names = [i.name for i in manifest.inputs]
+    feeds = {**dict(zip(names, graph_inputs(batch, names))), **adapter}  # position_ids 0..T-1 when absent
     session = ort.InferenceSession(str(bundle / portable["file"]), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     out = dict(zip(names, session.run(None, feeds)))
@@ -86,9 +89,9 @@ def test_portable_graphs_hold_only_stock_operators_and_the_contract(export_tiny,
         model = onnx.load(str(bundle / file), load_external_data=False)
         assert [(n.domain, n.op_type) for n in model.graph.node if not is_stock(n.domain, n.op_type)] == []
         assert {o.domain for o in model.opset_import} <= {"", "com.microsoft"}
-        assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "labels", *trainable]
+        assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "labels", "position_ids", *trainable]
         types = [i.type.tensor_type.elem_type for i in model.graph.input]
-        assert types == [onnx.TensorProto.INT64] * 3 + [onnx.TensorProto.FLOAT] * len(trainable)
+        assert types == [onnx.TensorProto.INT64] * 4 + [onnx.TensorProto.FLOAT] * len(trainable)
         assert [o.name for o in model.graph.output] == outputs
         external = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
         assert external == {"portable_weights.bin"}  # one shared file, a plain name inside the bundle
@@ -115,7 +118,9 @@ def test_stock_onnxruntime_runs_the_portable_graph(tiny_bundle_int8, tmp_path):
     manifest = read_manifest(tiny_bundle_int8)
     batch, adapter = _batch(manifest), _start(tiny_bundle_int8)
     ref_loss, ref_grads = _loss_and_grads(tiny_bundle_int8, batch, adapter)
-    np.savez(tmp_path / "feeds.npz", **batch, **adapter)
+    from edgetune.runtime.batches import default_positions
+
+    np.savez(tmp_path / "feeds.npz", **batch, position_ids=default_positions(batch["input_ids"]), **adapter)
     script = tmp_path / "run.py"
     script.write_text(STOCK_SCRIPT)
     done = subprocess.run([STOCK_PYTHON, str(script), str(tiny_bundle_int8), str(tmp_path)], capture_output=True, text=True)

@@ -4,7 +4,7 @@
 //                   --out trained.safetensors [--losses losses.json]
 //
 // The bundle's portable gradient graph (edgetune.json "portable") takes the batch (input_ids,
-// attention_mask, labels: int64 (B, T)) and every trainable tensor (by graph_name) as inputs and
+// attention_mask, labels and, when the manifest's inputs list it, position_ids: int64 (B, T)) and every trainable tensor (by graph_name) as inputs and
 // returns `loss` and one `<graph_name>_grad` per trainable tensor. This client runs it, applies
 // AdamW as torch.optim.AdamW does (the manifest's "optimizer": betas, eps, weight_decay), and
 // writes the trained tensors as safetensors (graph names), which `edgetune` can pack as a delta.
@@ -107,6 +107,9 @@ async function main() {
   for (let step = 0; step < a.steps; step++) {
     const b = batches[step % batches.length];
     const feeds = { input_ids: int64Tensor(b.input_ids), attention_mask: int64Tensor(b.attention_mask), labels: int64Tensor(b.labels) };
+    // Bundles that take packed rows also list position_ids (manifest "inputs"): 0..T-1 per row unless given.
+    if (manifest.inputs.some((i) => i.name === "position_ids"))
+      feeds.position_ids = int64Tensor(b.position_ids ?? b.input_ids.map((row) => row.map((_, t) => t)));
     for (const [k, x] of Object.entries(tensors)) feeds[k] = new ort.Tensor("float32", Float32Array.from(x.data), x.shape);
     const out = await session.run(feeds);
     const grads = {};

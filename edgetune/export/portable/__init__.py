@@ -21,11 +21,11 @@ from typing import Callable
 
 import numpy as np
 
-BATCH_INPUTS = ("input_ids", "attention_mask", "labels")
+BATCH_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")  # position_ids: bundles that pack rows
 
 
 def export_portable(folder: Path | str, trainable: list[str], report: Callable[[str], None] = lambda msg: None,
-                    batch_inputs: tuple[str, ...] = BATCH_INPUTS, loss: str = "loss") -> dict:
+                    batch_inputs: tuple[str, ...] | None = None, loss: str = "loss") -> dict:
     import onnx
 
     from edgetune.export.portable.graphs import eval_graph, gradient_graph
@@ -35,6 +35,9 @@ def export_portable(folder: Path | str, trainable: list[str], report: Callable[[
     folder = Path(folder)
     frozen = read_frozen(folder / "checkpoint", trainable)
     training = onnx.load(str(folder / "training_model.onnx"))
+    if batch_inputs is None:  # those of BATCH_INPUTS the training graph takes
+        taken = {i.name for i in training.graph.input}
+        batch_inputs = tuple(n for n in BATCH_INPUTS if n in taken)
     gradients = gradient_graph(training, list(batch_inputs), trainable, frozen, loss)
     evaluation = onnx.load(str(folder / "eval_model.onnx"))
     eval_graph(evaluation, list(batch_inputs), trainable, frozen)
