@@ -71,7 +71,7 @@ def softplus(z: torch.Tensor) -> torch.Tensor:
 def export_dpo_graph(model: nn.Module, path: Path, beta: float) -> None:
     """Export the DPO loss graph in training mode (as ``training_graph.export_training_graph``)."""
     wrapper = DPOLoss(model, beta)
-    input_ids, attention_mask, labels = dummy_batch(model.config.vocab_size, batch=4)
+    input_ids, attention_mask, labels = dummy_batch(model.config.vocab_size, batch=4)[:3]  # DPO rows are not packed
     ref = torch.zeros(4, dtype=torch.float32)
     dynamic = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES[:3]}
     dynamic["ref_logps"] = {0: "batch"}

@@ -148,6 +148,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
 
         report(f"exporting the training graph (DPO loss, beta {opts.beta})")
         export_dpo_graph(model, full, opts.beta)
+        input_names = [i.name for i in DPO_INPUTS]
     else:
         report("exporting the training graph (causal-LM loss)")
         input_names = export_training_graph(model, full, opset=EXPORT_OPSET if int4 else OPSET, packing=opts.packing)

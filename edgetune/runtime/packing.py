@@ -163,12 +163,13 @@ class RowsOf:
 
 
 def make_plan(layout: str, examples, batch_size: int, seed: int, capacity: int):
-    """The batch plan of ``layout``; every plan yields (epoch, batch index, rows of example indices)."""
-    lengths = [len(e.input_ids) for e in examples]
+    """The batch plan of ``layout``; every plan yields (epoch, batch index, rows of example indices).
+
+    Only packed and grouped plans read lengths (``input_ids``); shuffled ones take any examples (e.g. DPO pairs)."""
     if layout == PACKED:
-        return PackedPlan(lengths, batch_size, seed, capacity)
+        return PackedPlan([len(e.input_ids) for e in examples], batch_size, seed, capacity)
     if layout == GROUPED:
-        return RowsOf(LengthGroupedPlan(lengths, batch_size, seed))
+        return RowsOf(LengthGroupedPlan([len(e.input_ids) for e in examples], batch_size, seed))
     return RowsOf(BatchPlan(len(examples), batch_size, seed))
 
 
