@@ -367,7 +367,8 @@ def test_the_delta_package_never_imports_heavy_frameworks():
 def _peft_manifest():
     from types import SimpleNamespace
 
-    return SimpleNamespace(method={"peft_config": {"peft_type": "LORA", "r": 8}}, base_sha256=BASE)
+    return SimpleNamespace(method={"name": "lora", "config": {"rank": 8}, "peft_config": {"peft_type": "LORA", "r": 8}},
+                           base_sha256=BASE)
 
 
 def _write_peft(folder, tensors, force=False):
