@@ -85,13 +85,15 @@ def _check(record, shape: str, where: str, roles: tuple[str, ...]) -> list[dict]
     return messages
 
 
-def read_records(path: Path, skip_bad: bool = False, stats: DataStats | None = None,
-                 roles: tuple[str, ...] = DEFAULT_ROLES,
-                 max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, str, object]]:
-    """Yield (line number, shape, checked content) for every good record of a JSONL file."""
+def checked_records(path: Path, skip_bad: bool, stats: DataStats, check,
+                    max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, object]]:
+    """Yield (line number, ``check(record, where)``) for every JSON-object line that ``check`` accepts.
+
+    Shared by every task's reader. Blank lines are passed over; a line that is not a JSON object, or
+    that ``check`` refuses with a DataError, stops the read naming file and line or, with
+    ``skip_bad``, is counted in ``stats`` and skipped.
+    """
     path = Path(path)
-    stats = stats or DataStats(str(path))
-    shape = None
     lines = jsonl_lines(path, max_record_bytes)
     try:
         for number, line in lines:
@@ -101,33 +103,52 @@ def read_records(path: Path, skip_bad: bool = False, stats: DataStats | None = N
             try:
                 if isinstance(line, DataError):
                     raise line
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                except RecursionError:
-                    raise DataError(f"{where}: JSON nested too deeply to read") from None
-                except ValueError as exc:  # e.g. an integer with more digits than Python converts
-                    raise DataError(f"{where}: not usable JSON ({exc})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{where}: a record must be a JSON object")
-                this = _shape_of(record)
-                if this is None:
-                    raise DataError(f'{where}: unknown record shape; need "instruction"+"output", "messages", or "text"')
-                if shape is not None and this != shape:
-                    raise DataError(f"{where}: a {this} record in a file of {shape} records; keep one shape per file")
-                content = _check(record, this, where, roles)
-                shape = shape or this
+                content = check(_json_object(line, where), where)
             except DataError as exc:
                 if not skip_bad:
                     raise DataError(f"{exc}; {FIX}.") from None
                 stats.skipped_bad += 1
                 stats.bad_lines.append(number)
                 continue
-            stats.shape = shape
-            yield number, shape, content
+            yield number, content
     finally:
         lines.close()  # stop reading (and close the file) as soon as the caller stops
+
+
+def _json_object(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise DataError(f"{where}: not usable JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object")
+    return record
+
+
+def read_records(path: Path, skip_bad: bool = False, stats: DataStats | None = None,
+                 roles: tuple[str, ...] = DEFAULT_ROLES,
+                 max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, str, object]]:
+    """Yield (line number, shape, checked content) for every good record of a JSONL file."""
+    stats = stats or DataStats(str(path))
+    file_shape: list[str] = []  # the shape of the file's first good record
+
+    def check(record: dict, where: str) -> tuple[str, object]:
+        this = _shape_of(record)
+        if this is None:
+            raise DataError(f'{where}: unknown record shape; need "instruction"+"output", "messages", or "text"')
+        if file_shape and this != file_shape[0]:
+            raise DataError(f"{where}: a {this} record in a file of {file_shape[0]} records; keep one shape per file")
+        content = _check(record, this, where, roles)
+        file_shape[:] = [this]
+        return this, content
+
+    for number, (shape, content) in checked_records(path, skip_bad, stats, check, max_record_bytes):
+        stats.shape = shape
+        yield number, shape, content
 
 
 def _encode(tokenizer, text: str) -> list[int]:

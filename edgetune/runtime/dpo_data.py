@@ -14,7 +14,6 @@ its end-of-turn token), so the sequence log-probability is summed over response 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,8 +23,8 @@ import numpy as np
 from edgetune.constants import IGNORE_INDEX
 from edgetune.errors import DataError
 from edgetune.runtime.chat import ChatTemplate
-from edgetune.runtime.data import FIX, DataStats, Example, _encode, tokenize_chat
-from edgetune.runtime.jsonl import MAX_RECORD_BYTES, jsonl_lines
+from edgetune.runtime.data import DataStats, Example, _encode, checked_records, tokenize_chat
+from edgetune.runtime.jsonl import MAX_RECORD_BYTES
 
 REPLIES = ("chosen", "rejected")
 
@@ -73,33 +72,14 @@ def _conversation(record: dict, where: str, roles: tuple[str, ...]) -> list[dict
 def read_preferences(path: Path, skip_bad: bool, stats: DataStats, roles: tuple[str, ...],
                      max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[list[dict], str, str]]:
     """Yield (conversation, chosen, rejected) for every good record; bad ones raise (or are counted)."""
-    path = Path(path)
-    lines = jsonl_lines(path, max_record_bytes)
-    try:
-        for number, line in lines:
-            if isinstance(line, str) and not line.strip():
-                continue
-            where = f"{path.name} line {number}"
-            try:
-                if isinstance(line, DataError):
-                    raise line
-                try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError) as exc:
-                    raise DataError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{where}: a record must be a JSON object")
-                conversation = _conversation(record, where, roles)
-                chosen, rejected = (_reply(record, key, where) for key in REPLIES)
-            except DataError as exc:
-                if not skip_bad:
-                    raise DataError(f"{exc}; {FIX}.") from None
-                stats.skipped_bad += 1
-                stats.bad_lines.append(number)
-                continue
-            yield conversation, chosen, rejected
-    finally:
-        lines.close()
+
+    def check(record: dict, where: str) -> tuple[list[dict], str, str]:
+        conversation = _conversation(record, where, roles)
+        chosen, rejected = (_reply(record, key, where) for key in REPLIES)
+        return conversation, chosen, rejected
+
+    for _, item in checked_records(path, skip_bad, stats, check, max_record_bytes):
+        yield item
 
 
 def response_row(conversation: list[dict], reply: str, tokenizer, template: ChatTemplate) -> tuple[list[int], list[int]]:
