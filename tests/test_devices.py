@@ -311,7 +311,12 @@ def test_ort_format_artifacts_train_like_the_onnx_ones(export_tiny, tmp_path, qu
                 signatures.append(([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]))
             assert signatures[0] == signatures[1] and "loss" in signatures[1][1]
     from onnxruntime.training import api
+
+    from edgetune.runtime.batches import graph_inputs
+
     ids = np.random.default_rng(0).integers(3, 300, (2, 16)).astype(np.int64)
+    feeds = graph_inputs({"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids},
+                         [i.name for i in manifest.inputs])  # position_ids too when the graph packs
 
     def losses(ext):
         state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
@@ -320,7 +325,7 @@ def test_ort_format_artifacts_train_like_the_onnx_ones(export_tiny, tmp_path, qu
         module.train()
         out = []
         for _ in range(3):
-            out.append(float(module(ids, np.ones_like(ids), ids)))
+            out.append(float(module(*feeds)))
             optimizer.step()
             module.lazy_reset_grad()
         return out

@@ -151,7 +151,10 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
         input_names = [i.name for i in DPO_INPUTS]
     else:
         report("exporting the training graph (causal-LM loss)")
-        input_names = export_training_graph(model, full, opset=EXPORT_OPSET if int4 else OPSET, packing=opts.packing)
+        from edgetune.methods import get_method as method_spec
+
+        packing = opts.packing and method_spec(opts.method).packs
+        input_names = export_training_graph(model, full, opset=EXPORT_OPSET if int4 else OPSET, packing=packing)
     graph = onnx.load(str(full))
     full.unlink()
     if int4:

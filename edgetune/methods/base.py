@@ -131,6 +131,9 @@ class MethodSpec:
     description: str = ""  # one line for ``edgetune export --help``
     quantized_base: str | None = None  # None: the frozen base may be quantized; else why it may not
     delta_from_base = False  # True: a delta holds the difference from the exported tensors (``to_delta``)
+    # False: the training graph takes no packed rows (no position_ids input), e.g. because the method
+    # numbers a row's positions itself (prefix tuning: real tokens start after the virtual ones).
+    packs = True
 
     def config(self, manifest: "Manifest") -> MethodConfig:
         return self.config_class.from_dict(manifest.method.get("config"), where="the bundle's method config")

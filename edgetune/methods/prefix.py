@@ -97,6 +97,7 @@ def per_layer(config: PrefixConfig, table: np.ndarray) -> list[np.ndarray]:
 
 class PrefixSpec(MethodSpec):
     name = "prefix"
+    packs = False  # real tokens sit at positions m, m+1, … (as PEFT); a packed row's position_ids would reset them
     config_class = PrefixConfig
     layer_module = "edgetune.export.methods.prefix"
     tensor_roles = TENSOR_ROLES
