@@ -71,7 +71,14 @@ def _check(record, shape: str, where: str, roles: tuple[str, ...]) -> list[dict]
             raise DataError(f'{where}: field "context" must be a string')
         user = record["instruction"] + (f"\n\n{context}" if context.strip() else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    messages = record.get("messages")
+    messages = check_messages(record.get("messages"), where, roles)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f'{where}: a chat needs at least one message with role "assistant"')
+    return messages
+
+
+def check_messages(messages, where: str, roles: tuple[str, ...]) -> list[dict]:
+    """A record's ``messages``: a non-empty list of {"role", "content"} strings with roles the template knows."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f'{where}: field "messages" must be a non-empty list')
     for i, m in enumerate(messages):
@@ -80,8 +87,6 @@ def _check(record, shape: str, where: str, roles: tuple[str, ...]) -> list[dict]
         if m["role"] not in roles:
             raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; the chat template knows the roles "
                             f"{', '.join(roles)}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f'{where}: a chat needs at least one message with role "assistant"')
     return messages
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from edgetune.constants import IGNORE_INDEX
 from edgetune.errors import DataError
 from edgetune.runtime.chat import ChatTemplate
-from edgetune.runtime.data import DataStats, Example, _encode, checked_records, tokenize_chat
+from edgetune.runtime.data import DataStats, Example, _encode, check_messages, checked_records, tokenize_chat
 from edgetune.runtime.jsonl import MAX_RECORD_BYTES
 
 REPLIES = ("chosen", "rejected")
@@ -55,15 +55,7 @@ def _conversation(record: dict, where: str, roles: tuple[str, ...]) -> list[dict
         return [{"role": "user", "content": record["prompt"]}]
     if "messages" not in record:
         raise DataError(f'{where}: missing field "prompt" (or "messages") in a preference record')
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f'{where}: field "messages" must be a non-empty list')
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f'{where}: messages[{i}] needs string fields "role" and "content"')
-        if m["role"] not in roles:
-            raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; the chat template knows the roles "
-                            f"{', '.join(roles)}")
+    messages = check_messages(record["messages"], where, roles)
     if messages[-1]["role"] == "assistant":
         raise DataError(f'{where}: field "messages" ends with an assistant turn; the replies go in "chosen" and "rejected"')
     return [{"role": m["role"], "content": m["content"]} for m in messages]
