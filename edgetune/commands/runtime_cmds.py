@@ -107,6 +107,8 @@ def train(ctx, bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len,
                    f"({result.tokens:,} real tokens / {result.row_tokens:,} row tokens)")
     click.echo(f"data: {d['examples']} examples ({d['shape']}), {d['truncated']} truncated to {max_seq_len} tokens, "
                f"{d['skipped_bad']} bad lines skipped, {d['dropped_empty']} dropped with no label tokens")
+    for note in d.get("notes", []):  # e.g. classification: class counts, imbalance
+        click.echo(f"data: {note}")
     click.echo(f"checkpoint: {result.checkpoint}")
     if result.best is not None:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in (result.best["metrics"] or {}).items() if k in _SHOWN)
@@ -118,7 +120,7 @@ def train(ctx, bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len,
 
 
 # Metrics printed by train and eval (the --json output has every number).
-_SHOWN = ("loss", "perplexity", "accuracy", "margin", "logp_accuracy")
+_SHOWN = ("loss", "perplexity", "accuracy", "macro_f1", "margin", "logp_accuracy")
 
 
 def _eval(bundle, data, batch_size, max_seq_len, threads, state_dir, skip_bad, backend, checkpoint="latest"):
@@ -153,8 +155,14 @@ def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, backend, 
     on, off = r["with_adapter"], r["without_adapter"]
     tokens = f", {on['label_tokens']:,} label tokens" if "label_tokens" in on else ""
     click.echo(f"{int(on['examples'])} examples{tokens}; task {r['task']}; adapter: {r['adapter']}")
+    for note in (r.get("data") or {}).get("notes", []):
+        click.echo(f"  data: {note}")
     for label, m in (("with adapter   ", on), ("without adapter", off)):
         click.echo(f"  {label}  " + "  ".join(f"{k} {m[k]:.4f}" for k in m if k in _SHOWN))
+    per_class = [k.partition("/")[2] for k in on if k.startswith("precision/")]
+    if per_class:  # classification: precision and recall of each class, with the adapter
+        click.echo("  per class (with adapter): " + "; ".join(
+            f"{name} precision {on[f'precision/{name}']:.3f} recall {on[f'recall/{name}']:.3f}" for name in per_class))
 
 
 @click.command()
@@ -183,4 +191,41 @@ def generate(bundle, prompt, system, max_new_tokens, temperature, top_p, seed, n
     click.echo(text)
 
 
-COMMANDS = [train, eval_cmd, generate]
+@click.command()
+@BUNDLE
+@click.option("--text", "texts", multiple=True, required=True, help="Text to classify (repeat for several).")
+@click.option("--json", "as_json", is_flag=True, help="Print label and probabilities as JSON, one object per text.")
+@click.option("--no-adapter", is_flag=True, help="Use the bundle as exported (no training).")
+@click.option("--max-seq-len", type=int, default=256, show_default=True, help="Longer texts are truncated.")
+@CHECKPOINT
+@THREADS
+@STATE
+def predict(bundle, texts, as_json, no_adapter, max_seq_len, checkpoint, threads, state_dir):
+    """Classify TEXT with a sequence-classification bundle: the label and every label's probability."""
+    from edgetune.bundle import Bundle
+    from edgetune.errors import EdgetuneError
+    from edgetune.runtime.adapter_source import initial_adapter, latest_adapter
+    from edgetune.runtime.classification import predict as classify
+
+    opened = Bundle.open(bundle)
+    if opened.manifest.task != "sequence-classification":
+        raise EdgetuneError(f"predict needs a sequence-classification bundle; {str(bundle)!r} trains "
+                            f"{opened.manifest.task} (use `edgetune generate` for causal-lm bundles).")
+    if max_seq_len < 2:
+        raise EdgetuneError(f"--max-seq-len must be at least 2, got {max_seq_len}.")
+    if no_adapter:
+        tensors, origin = initial_adapter(opened), "bundle's initial adapter"
+    else:
+        source = latest_adapter(opened, state_dir, checkpoint=checkpoint)
+        tensors, origin = source.tensors, source.origin
+    results = classify(opened, list(texts), tensors, threads=threads, max_seq_len=max_seq_len)
+    click.echo(f"[adapter: {origin}]", err=True)
+    for r in results:
+        if as_json:
+            click.echo(json.dumps({**r, "adapter": origin}))
+        else:
+            probs = "  ".join(f"{name} {p:.3f}" for name, p in r["probabilities"].items())
+            click.echo(f"{r['label']}\t{probs}")
+
+
+COMMANDS = [train, eval_cmd, generate, predict]

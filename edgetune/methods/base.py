@@ -117,6 +117,13 @@ def _parse_pairs(flag: str, text: str, problems: list[str]) -> dict:
     return pairs
 
 
+def head_tensors(manifest: "Manifest") -> set[str]:
+    """Graph names of a task head trained whole beside the method's tensors (sequence-classification's
+    linear head; PEFT's ``modules_to_save``). Empty for tasks without one."""
+    names = (manifest.task_config or {}).get("head_tensors") or []
+    return {n for n in names if isinstance(n, str)}
+
+
 class MethodSpec:
     """The torch-free description of one method. Subclasses set the class attributes below."""
 
@@ -144,8 +151,11 @@ class MethodSpec:
         return tensor.graph_name.rsplit(".", 1)[-1]
 
     def trainable(self, manifest: "Manifest") -> list["TensorInfo"]:
-        """The trainable tensors the exporter declared in the manifest, each of a role this method knows."""
-        strange = [t.graph_name for t in manifest.trainable if self.role(t) not in self.tensor_roles]
+        """The trainable tensors the exporter declared in the manifest, each of a role this method knows
+        (or a task head's: ``head_tensors``)."""
+        head = head_tensors(manifest)
+        strange = [t.graph_name for t in manifest.trainable if self.role(t) not in self.tensor_roles
+                   and t.graph_name not in head]
         if strange:
             raise BundleError(f"the manifest's trainable tensors {', '.join(strange[:3])} are not {self.name} tensors "
                               f"({', '.join(self.tensor_roles)}); re-export the bundle.")

@@ -14,7 +14,7 @@ from numbers import Real
 
 import numpy as np
 
-from edgetune.methods.base import MethodConfig, MethodSpec
+from edgetune.methods.base import MethodConfig, MethodSpec, head_tensors
 
 TENSOR_ROLES = ("lora_A", "lora_B")  # declared once: the torch layer's parameters and the manifest's tensors
 ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND: every linear layer but the output head
@@ -179,7 +179,14 @@ class LoraSpec(MethodSpec):
     def folder_config_problems(self, config: dict, manifest) -> list[str]:
         if str(config.get("peft_type", "")).upper() != "LORA":
             return [f"peft_type is {config.get('peft_type')!r}, the bundle's method is 'lora'"]
-        return peft_config_problems(config, self.config(manifest), [t.peft_key for t in manifest.trainable])
+        head = head_tensors(manifest)
+        problems = peft_config_problems(config, self.config(manifest),
+                                        [t.peft_key for t in manifest.trainable if t.graph_name not in head])
+        wanted = (manifest.task_config or {}).get("head")
+        if head and wanted not in (config.get("modules_to_save") or []):
+            problems.append(f"modules_to_save is {config.get('modules_to_save')!r}; the bundle trains its {wanted!r} "
+                            "head whole, so it must be listed there")
+        return problems
 
     def peft_config(self, config: LoraConfig, base_model: str) -> dict:
         return {

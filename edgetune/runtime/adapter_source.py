@@ -72,8 +72,15 @@ def check_adapter(manifest: Manifest, adapter: dict[str, np.ndarray]) -> None:
 
 def disabled(bundle: "Bundle", adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Tensors that switch ``adapter`` off, as the bundle's method defines it (LoRA: B = 0, A kept;
-    full fine-tuning: the weights as exported, read from the bundle only then)."""
+    full fine-tuning: the weights as exported, read from the bundle only then); a task head
+    (sequence-classification) goes back to its exported values."""
     from edgetune.methods import get_method
+    from edgetune.methods.base import head_tensors
 
     manifest = bundle.manifest
-    return get_method(manifest.method["name"]).adapter_off(manifest, adapter, lambda: initial_adapter(bundle))
+    off = get_method(manifest.method["name"]).adapter_off(manifest, adapter, lambda: initial_adapter(bundle))
+    head = head_tensors(manifest)
+    if head:  # a task head (classifier) as exported: "off" is the bundle before any training
+        initial = initial_adapter(bundle)
+        off.update({name: initial[name] for name in head})
+    return off

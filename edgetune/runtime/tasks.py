@@ -39,6 +39,7 @@ class Task:
 _TASKS: dict[str, str] = {
     "causal-lm": "edgetune.runtime.task_causal:TASK",
     "dpo": "edgetune.runtime.dpo:TASK",
+    "sequence-classification": "edgetune.runtime.classification:TASK",
 }
 
 
