@@ -111,7 +111,17 @@ def _norm_case(shape, axis):
     return {"dy": _f(*shape), "x": x, "scale": _f(*shape[axis % len(shape):]), "inv_std": inv_std}
 
 
+def _layer_norm_case(shape, axis, eps=1e-12):
+    """LayerNormalizationGrad inputs: the forward's mean and inv_std_dev over the axes from ``axis`` on."""
+    x = _f(*shape, scale=2.0) + 0.5
+    axes = tuple(range(axis % len(shape), len(shape)))
+    mean = x.mean(axis=axes, keepdims=True).astype(np.float32)
+    inv_std = (1 / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + eps)).astype(np.float32)
+    return {"dy": _f(*shape), "x": x, "scale": _f(*shape[axis % len(shape):]), "mean": mean, "inv_std": inv_std}
+
+
 SCE, GRAD = "SoftmaxCrossEntropyLoss", "SoftmaxCrossEntropyLossGrad"
+LN = "LayerNormalizationGrad"
 MEAN, SUM, NONE = ({"reduction": r, "ignore_index": -100} for r in ("mean", "sum", "none"))
 RMS = "SimplifiedLayerNormalizationGrad"
 CASES = {
@@ -146,6 +156,12 @@ CASES = {
     # SimplifiedLayerNormalizationGrad: last axis; two normalized axes (the schema requires both outputs)
     "rmsnorm-last": (RMS, _norm_case((2, 3, 16), -1), None, ["dx", "dscale"], {"axis": -1, "epsilon": 1e-6}),
     "rmsnorm-two-axes": (RMS, _norm_case((2, 3, 8), 1), None, ["dx", "dscale"], {"axis": 1}),
+    # LayerNormalizationGrad (BERT): last axis (the schema requires all three outputs); two normalized axes
+    "layernorm-last": (LN, _layer_norm_case((2, 3, 16), -1), None, ["dx", "dscale", "dbias"], {"axis": -1, "epsilon": 1e-12}),
+    "layernorm-two-axes": (LN, _layer_norm_case((2, 3, 8), 1), None, ["dx", "dscale", "dbias"], {"axis": 1}),
+    # Gelu (erf form, as ORT fuses BERT's activation) and its gradient, over a wide range of x
+    "gelu": ("Gelu", {"x": _f(3, 8, scale=4.0)}, None, ["y"], {}),
+    "gelu-grad": ("GeluGrad", {"dy": _f(3, 8), "x": _f(3, 8, scale=4.0)}, None, ["dx"], {}),
     # SoftmaxCrossEntropyLossGrad: each reduction, ignored labels, all ignored, weights, (N, C, d) input
     "sce-grad-mean-ignored": (GRAD, _sce_grad_case(6, 7, "mean", ignored=[0, 3]), None, ["dx"], MEAN),
     "sce-grad-sum-ignored": (GRAD, _sce_grad_case(6, 7, "sum", ignored=[5]), None, ["dx"], SUM),

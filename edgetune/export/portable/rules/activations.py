@@ -1,4 +1,4 @@
-"""Rules for activation gradients: SoftmaxGrad_13, QuickGeluGrad, ReluGrad, TanhGrad."""
+"""Rules for activations and their gradients: SoftmaxGrad_13, QuickGeluGrad, ReluGrad, TanhGrad, Gelu, GeluGrad."""
 
 from __future__ import annotations
 
@@ -43,3 +43,30 @@ def tanh_grad(node, e: Emitter) -> None:
     dy, y = e.input(0), e.input(1)
     e.op("Mul", [dy, e.op("Sub", [e.const(1.0, np.float32), e.op("Mul", [y, y])])], out=e.output(0))
 
+
+
+_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+
+
+def _phi(x: str, e: Emitter) -> str:
+    """Phi(x) = 0.5 (1 + erf(x / sqrt 2)): the standard normal CDF."""
+    erf = e.op("Erf", [e.op("Mul", [x, e.const(_SQRT1_2, np.float32)])])
+    return e.op("Mul", [e.const(0.5, np.float32), e.op("Add", [e.const(1.0, np.float32), erf])])
+
+
+@rule("Gelu")
+def gelu(node, e: Emitter) -> None:
+    """Gelu(x) = x Phi(x) (erf form; ONNX Runtime fuses BERT's x * 0.5 * (1 + erf(x / sqrt 2)) into it)."""
+    x = e.input(0)
+    e.op("Mul", [x, _phi(x, e)], out=e.output(0))
+
+
+@rule("GeluGrad")
+def gelu_grad(node, e: Emitter) -> None:
+    """GeluGrad(dY, X): dX = dY (Phi(x) + x phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    dy, x = e.input(0), e.input(1)
+    density = e.op("Mul", [e.const(_INV_SQRT_2PI, np.float32),
+                           e.op("Exp", [e.op("Mul", [e.const(-0.5, np.float32), e.op("Mul", [x, x])])])])
+    slope = e.op("Add", [_phi(x, e), e.op("Mul", [x, density])])
+    e.op("Mul", [dy, slope], out=e.output(0))
