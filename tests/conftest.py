@@ -55,3 +55,26 @@ def tiny_bundle(export_tiny) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle_int8(export_tiny) -> Path:
     return export_tiny(quantize="int8")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT encoder folder (tests/tiny_bert.py)."""
+    from tests.tiny_bert import build_tiny_bert_dir
+
+    return build_tiny_bert_dir(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def export_tiny_bert(tiny_bert_dir, tmp_path_factory):
+    """export_tiny_bert(**options) -> a sequence-classification bundle of the tiny BERT; identical options share one export."""
+    cache: dict = {}
+
+    def make(**kwargs) -> Path:
+        kwargs = {"task": "sequence-classification", "labels": ("greet", "weather", "music"), **kwargs}
+        key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        if key not in cache:
+            cache[key] = _export(tiny_bert_dir, tmp_path_factory.mktemp("cls-bundle") / "b", **kwargs)
+        return cache[key]
+
+    return make

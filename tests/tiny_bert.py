@@ -35,7 +35,7 @@ def build_tiny_bert_tokenizer():
 def tiny_bert_config(vocab_size: int):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, hidden_dropout_prob=0.1,
                       intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
 
 

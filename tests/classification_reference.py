@@ -1,0 +1,68 @@
+"""The PyTorch reference for sequence classification: transformers' BertModel + PEFT LoRA, mean pooling
+over the attention mask (the all-MiniLM-L6-v2 model card's), a linear head, cross-entropy, AdamW.
+
+Written independently of edgetune's exporter: the head is PEFT's ``modules_to_save``, so the keys
+PEFT reads and writes are the ones the bundle must use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def reference_classifier(model_dir: Path, manifest, tensors: dict[str, np.ndarray] | None = None):
+    """A PEFT model (LoRA of the bundle's config + the head in modules_to_save); ``tensors`` by PEFT key."""
+    import torch
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from torch import nn
+    from transformers import BertModel
+
+    class MeanPooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            # dropout 0: the bundle trains without it (its step is deterministic)
+            self.bert = BertModel.from_pretrained(model_dir, add_pooling_layer=False, attn_implementation="eager",
+                                                  dtype=torch.float32, hidden_dropout_prob=0.0,
+                                                  attention_probs_dropout_prob=0.0)
+            self.classifier = nn.Linear(self.bert.config.hidden_size, len(manifest.task_config["labels"]))
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).float()
+            return self.classifier((hidden * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9))
+
+    cfg = manifest.method["config"]
+    model = get_peft_model(MeanPooled(), LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], target_modules=list(cfg["targets"]),
+                                                    lora_dropout=0.0, use_rslora=cfg["use_rslora"],
+                                                    modules_to_save=["classifier"]))
+    if tensors is not None:
+        result = set_peft_model_state_dict(model, {k: torch.tensor(v) for k, v in tensors.items()})
+        missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+        if missing or result.unexpected_keys:
+            raise AssertionError(f"PEFT did not take the tensors: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    return model
+
+
+def reference_logits(model, batch: dict[str, np.ndarray]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"])).numpy()
+
+
+def reference_step(model, batch: dict[str, np.ndarray], lr: float, optimizer: dict):
+    """One AdamW step on ``batch``; returns (loss, {PEFT key: updated tensor})."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(optimizer["betas"]), eps=optimizer["eps"],
+                            weight_decay=optimizer["weight_decay"])
+    model.train()
+    logits = model(torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"]))
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(batch["labels"]))
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
