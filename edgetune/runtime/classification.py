@@ -22,11 +22,22 @@ from edgetune.runtime.tasks import Task
 _SESSIONS: dict[tuple[str, int], object] = {}  # (logits graph path, threads) -> InferenceSession, built once
 
 
-def _load(bundle, path, max_seq_len: int, skip_bad: bool):
+def encoder_tokenizer(bundle):
+    """The bundle's tokenizer, one text at a time: no padding or truncation of its own.
+
+    Encoders' tokenizer.json often pads every text to a fixed length (all-MiniLM-L6-v2's: 128);
+    batches are padded here to their longest text, and ``max_seq_len`` truncates."""
     from edgetune.runtime.text import load_text
 
-    names = label_names(bundle.manifest)  # a broken manifest is refused before any data is read
     tokenizer, _ = load_text(bundle)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def _load(bundle, path, max_seq_len: int, skip_bad: bool):
+    names = label_names(bundle.manifest)  # a broken manifest is refused before any data is read
+    tokenizer = encoder_tokenizer(bundle)
     return load_labelled(path, tokenizer, names, max_seq_len, skip_bad=skip_bad)
 
 
@@ -105,10 +116,9 @@ def predict(bundle, texts: list[str], tensors: dict[str, np.ndarray], threads: i
             max_seq_len: int = 512) -> list[dict]:
     """Each text's predicted label and the probability of every label, under ``tensors``."""
     from edgetune.runtime.classification_data import LabelledText
-    from edgetune.runtime.text import load_text
 
     names = label_names(bundle.manifest)
-    tokenizer, _ = load_text(bundle)
+    tokenizer = encoder_tokenizer(bundle)
     examples = []
     for text in texts:
         ids = tokenizer.encode(text).ids
