@@ -52,8 +52,9 @@ def reference_logits(model, batch: dict[str, np.ndarray]) -> np.ndarray:
         return model(torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"])).numpy()
 
 
-def reference_step(model, batch: dict[str, np.ndarray], lr: float, optimizer: dict):
-    """One AdamW step on ``batch``; returns (loss, {PEFT key: updated tensor})."""
+def reference_step(model, batch: dict[str, np.ndarray], lr: float, optimizer: dict, gradients: dict | None = None):
+    """One AdamW step on ``batch``; returns (loss, {PEFT key: updated tensor}); ``gradients`` (a dict)
+    receives the step's gradients by PEFT key."""
     import torch
     from peft import get_peft_model_state_dict
 
@@ -64,5 +65,8 @@ def reference_step(model, batch: dict[str, np.ndarray], lr: float, optimizer: di
     logits = model(torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"]))
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(batch["labels"]))
     loss.backward()
+    if gradients is not None:
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        gradients.update({k: v.numpy() for k, v in get_peft_model_state_dict(model, state_dict=grads).items()})
     opt.step()
     return float(loss.detach()), {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}

@@ -155,7 +155,9 @@ def export_bundle(opts: ExportOptions, report: Callable[[str], None] = lambda ms
         model, tokenizer = load_model(source)
     if hasattr(method, "resolve_config"):  # a method whose config depends on the model (e.g. its width)
         opts.method_config = method.resolve_config(model, opts.method_config)
-    base_parameters = sum(p.numel() for p in model.parameters())  # before the method adds or unfreezes any
+    # before the method adds or unfreezes any; a classifier's new head is not part of the base
+    base_parameters = sum(p.numel() for n, p in model.named_parameters()
+                          if not (opts.task == CLASSIFICATION and n.split(".")[0] == "classifier"))
     trainables = method.inject(model, opts.method_config)
     if opts.task == CLASSIFICATION:  # the head trains whole, beside the method's tensors (PEFT: modules_to_save)
         trainables += classification_head(model)
