@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,10 @@ def _mean_pooled_peft_probabilities(model_dir: Path, folder: Path, texts: list[s
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     base = BertForSequenceClassification.from_pretrained(model_dir, num_labels=3, attn_implementation="eager")
-    model = PeftModel.from_pretrained(base, folder).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, folder).eval()
+    assert not [str(w.message) for w in caught if "adapter keys" in str(w.message)]  # nothing missing or unexpected
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     inner = model.base_model.model
