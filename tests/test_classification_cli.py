@@ -138,3 +138,12 @@ def test_from_peft_refuses_a_folder_without_the_head(bundle, tmp_path):
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
     r = _cli("from-peft", tmp_path / "peft", "--bundle", bundle)
     assert r.returncode == 2 and "modules_to_save" in r.stderr and "base_model.model.classifier" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("command, expected", [
+    (["generate", "--prompt", "hi"], "generate needs a causal-LM bundle"),
+    (["merge", "--out", "m.onnx"], "merge folds an adapter into a generation graph"),
+])
+def test_generation_commands_refuse_a_classifier(export_tiny_bert, tmp_path, command, expected):
+    r = _cli(command[0], export_tiny_bert(), *[str(tmp_path / a) if a.endswith(".onnx") else a for a in command[1:]])
+    assert r.returncode == 2 and expected in r.stderr and "edgetune predict" in r.stderr, r.stderr

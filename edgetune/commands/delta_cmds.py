@@ -180,6 +180,11 @@ def merge(bundle, adapter, since, out, state_dir):
     from edgetune.merge import merge_adapter
 
     manifest, latest = _bundle_adapter(bundle, state_dir)
+    if manifest.task == "sequence-classification":
+        from edgetune.errors import EdgetuneError
+
+        raise EdgetuneError(f"merge folds an adapter into a generation graph; {str(bundle)!r} is a sequence-classification "
+                            "bundle, whose logits graph takes the adapter and head as inputs (`edgetune predict`).")
     if adapter is not None:
         from edgetune.delta import AdapterTarget
 

@@ -119,6 +119,15 @@ def train(ctx, bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len,
         click.echo("eval " + "; ".join(f"{k}: {b[k]:.4f} -> {a[k]:.4f}" for k in a if k in _SHOWN))
 
 
+def _refuse_classifier(opened, command: str) -> None:
+    """A sequence-classification bundle has no text generation: say so, and what it has instead."""
+    from edgetune.errors import EdgetuneError
+
+    if opened.manifest.task == "sequence-classification":
+        raise EdgetuneError(f"{command} needs a causal-LM bundle; {str(opened.folder)!r} is a sequence-classification "
+                            "bundle (an encoder with a head): use `edgetune predict BUNDLE --text ...`.")
+
+
 # Metrics printed by train and eval (the --json output has every number).
 _SHOWN = ("loss", "perplexity", "accuracy", "macro_f1", "margin", "logp_accuracy")
 
@@ -184,7 +193,9 @@ def generate(bundle, prompt, system, max_new_tokens, temperature, top_p, seed, n
     from edgetune.bundle import Bundle
     from edgetune.runtime.answer import answer
 
-    text, origin = answer(Bundle.open(bundle), prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+    opened = Bundle.open(bundle)
+    _refuse_classifier(opened, "generate")
+    text, origin = answer(opened, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed, use_adapter=not no_adapter, raw=raw, threads=threads,
                           state_dir=state_dir, checkpoint=checkpoint)
     click.echo(f"[adapter: {origin}]", err=True)
