@@ -184,8 +184,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     from edgetune.export.memory import optimize_artifacts
     from edgetune.export.memory_loss import chunk_loss
     from edgetune.export.quantize import quantize_graph
-    from edgetune.export.quantize_int4 import EXPORT_OPSET, INT4_OPSET, linear_weights, quantize_graph_int4, restamp
-    from edgetune.quantization import INT4_SCHEME, INT8_SCHEME
+    from edgetune.export.quantize_int4 import EXPORT_OPSET, linear_weights, quantize_graph_int4, restamp
     from edgetune.export.tokenizer_info import save_tokenizer
     from edgetune.export.training_graph import OUTPUT_NAMES, export_training_graph, graph_name
 
