@@ -26,7 +26,7 @@ def bundle_summary(bundle: Bundle) -> str:
     lines = [
         f"bundle      {folder}  (schema {m.schema_version})",
         f"base model  {m.base_model['id']}  [{m.base_model['model_type']}]  sha256 {m.base_sha256[:16]}…",
-        f"task        {m.task}" + "".join(f", {k} {v}" for k, v in (m.task_config or {}).items()),
+        f"task        {_task_text(m)}",
         f"method      {method}",
         f"trainable   {trainable:,} parameters in {len(m.trainable)} tensors ({100 * trainable / max(base, 1):.2f}% of the base)",
         f"frozen      {frozen:,} parameters; {quantized} of {len(m.frozen)} tensors {m.quantization if quantized else 'fp32'}",
@@ -71,3 +71,13 @@ def _numel(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+def _task_text(m) -> str:
+    """The task and its settings; a classifier shows its labels and pooling, not its tensor names."""
+    config = m.task_config or {}
+    if m.task == "sequence-classification":
+        labels = config.get("labels") or []
+        return (f"{m.task}: {len(labels)} labels ({', '.join(map(str, labels))}), {config.get('pooling')} pooling, "
+                f"linear head {config.get('head')!r} trained whole")
+    return m.task + "".join(f", {k} {v}" for k, v in config.items())
