@@ -36,7 +36,8 @@ def _check_file(path: Path, option: str) -> None:
 
 @click.command()
 @BUNDLE
-@click.option("--data", type=DATA_PATH, required=True, help="Training data, JSONL: instruction pairs, chats or text.")
+@click.option("--data", type=DATA_PATH, required=True, help="Training data, JSONL: instruction pairs, chats or text; preference pairs (dpo); "
+                   "{\"text\", \"label\"} (sequence-classification).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default: one epoch).")
 @click.option("--epochs", type=float, default=None, help="Epochs over the data instead of --steps.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
@@ -152,7 +153,8 @@ def _eval(bundle, data, batch_size, max_seq_len, threads, state_dir, skip_bad, b
 @STATE
 def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, backend, checkpoint, threads, state_dir):
     """The task's metrics on held-out DATA (causal-lm: loss, perplexity; dpo: preference accuracy,
-    reward margin), with the trained adapter and without it."""
+    reward margin; sequence-classification: accuracy, macro-F1, per-class precision and recall),
+    with the trained adapter and without it."""
     from edgetune.bundle import Bundle
 
     backend = _backend(backend)
