@@ -58,6 +58,10 @@ class GenerationInfo:
     present_outputs: list[str]
     adapter_inputs: dict[str, str]  # generation-graph input name -> training graph_name
     has_position_ids: bool = True
+    # How the frozen linear layers multiply: None = MatMul on DequantizeLinear (fp32) weights, which
+    # ONNX Runtime folds into fp32 copies at load (bundles exported before the int8 kernels);
+    # "int8-split-nibbles" = MatMulNBits on the int8 values (edgetune/export/generation_kernels.py).
+    linear_kernel: str | None = None
 
 
 @dataclass

@@ -77,7 +77,7 @@ def check_external_data(folder: Path, manifest) -> None:
 
     problems: list[str] = []
     for name in manifest.files:
-        if not name.endswith(".onnx") or not _may_reference_external_data(folder / name):
+        if not name.endswith(".onnx") or not may_reference_external_data(folder / name):
             continue
         try:
             model = onnx.load(str(folder / name), load_external_data=False)
@@ -102,7 +102,7 @@ def check_external_data(folder: Path, manifest) -> None:
         raise BundleError(f"bundle {str(folder)!r} is refused: {'; '.join(problems)}. Use a bundle written by `edgetune export`.")
 
 
-def _may_reference_external_data(path: Path) -> bool:
+def may_reference_external_data(path: Path) -> bool:
     with open(path, "rb") as f:
         if path.stat().st_size == 0:
             return False

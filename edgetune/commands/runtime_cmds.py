@@ -186,11 +186,14 @@ def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, backend, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-adapter", is_flag=True, help="Generate with the base model only.")
 @click.option("--raw", is_flag=True, help="Use the prompt as is, without the chat template.")
+@click.option("--compute", type=click.Choice(["exact", "int8"]), default="exact", show_default=True,
+              help="int8: integer products on the int8 weights (faster; the logits move, see README), "
+                   "exact: fp32 products, the same numbers as the fp32 weights.")
 @CHECKPOINT
 @THREADS
 @STATE
-def generate(bundle, prompt, system, max_new_tokens, temperature, top_p, seed, no_adapter, raw, checkpoint, threads,
-             state_dir):
+def generate(bundle, prompt, system, max_new_tokens, temperature, top_p, seed, no_adapter, raw, compute, checkpoint,
+             threads, state_dir):
     """Answer PROMPT with the latest trained adapter (the answer alone on stdout)."""
     from edgetune.bundle import Bundle
     from edgetune.runtime.answer import answer
@@ -199,7 +202,7 @@ def generate(bundle, prompt, system, max_new_tokens, temperature, top_p, seed, n
     _refuse_classifier(opened, "generate")
     text, origin = answer(opened, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed, use_adapter=not no_adapter, raw=raw, threads=threads,
-                          state_dir=state_dir, checkpoint=checkpoint)
+                          state_dir=state_dir, checkpoint=checkpoint, compute=compute)
     click.echo(f"[adapter: {origin}]", err=True)
     click.echo(text)
 

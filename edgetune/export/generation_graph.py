@@ -10,7 +10,8 @@ included). One graph serves both the prompt step (past_len 0) and every next tok
   outputs  logits (B, T, V) float32, present.{i}.key / .value (B, kv_heads, past+T, head_dim)
 
 The adapter tensors are inputs rather than weights so the device feeds its current adapter
-with no re-export. Constant folding is off, and the adapter tensors get distinct random values
+with no re-export. With ``quantize``, the frozen linear layers then run ``MatMulNBits`` on the
+int8 values (``generation_kernels``): no fp32 copy of a frozen weight exists at any time. Constant folding is off, and the adapter tensors get distinct random values
 during the trace, because the TorchScript exporter otherwise renames them and merges equal
 ones (all-zero lora_B's) into one initializer.
 """
@@ -27,6 +28,7 @@ from onnx import TensorProto, helper
 from edgetune.bundle import GenerationInfo
 from edgetune.constants import OPSET
 from edgetune.errors import ExportError
+from edgetune.export.generation_kernels import KERNEL, int8_linears_to_nbits
 from edgetune.export.methods import Trainable
 from edgetune.export.training_graph import graph_name
 from edgetune.onnx_graph import save_model
@@ -39,7 +41,7 @@ def export_generation_graph(model, trainables: list[Trainable], path: Path, quan
     """Write the KV-cache decoder of ``model`` (a LoRA-injected ``*ForCausalLM``) to ``path``.
 
     ``quantize`` stores every frozen 2-D fp32 weight (linear layers, embedding table) as int8 per
-    row; the adapter inputs stay fp32. The model is left as it was given (values, config, mode).
+    row, read by MatMulNBits (linear layers) and an int8 Gather (embedding); the adapter inputs stay fp32. The model is left as it was given (values, config, mode).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,12 +55,16 @@ def export_generation_graph(model, trainables: list[Trainable], path: Path, quan
 
         frozen = [t.name for t in proto.graph.initializer if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT]
         quantize_graph(proto, frozen)
+        kernel = KERNEL if int8_linears_to_nbits(proto) else None
+    else:
+        kernel = None
     if proto.ir_version > MAX_IR_VERSION:
         raise ExportError(
             f"the generation graph has ONNX IR version {proto.ir_version}, but onnxruntime 1.19.2 reads at most "
             f"{MAX_IR_VERSION}; install onnx<1.18 and export again."
         )
     info = _info(proto, path.name, adapter_inputs)
+    info.linear_kernel = kernel
     save_model(proto, path)
     return info
 

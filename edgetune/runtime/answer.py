@@ -17,13 +17,14 @@ from edgetune.runtime.text import load_text
 class Answerer:
     """Keeps the generation session open for several prompts (demo, held-out checks)."""
 
-    def __init__(self, bundle: Bundle, *, threads: int = 0, state_dir: Path | None = None, checkpoint: str = "latest"):
+    def __init__(self, bundle: Bundle, *, threads: int = 0, state_dir: Path | None = None, checkpoint: str = "latest",
+                 compute: str = "exact"):
         self.bundle = bundle
         self.manifest = bundle.manifest
         if self.manifest.generation is None:
             raise EdgetuneError(f"bundle {str(bundle.folder)!r} has no generation graph; re-export it with this edgetune.")
         self.tokenizer, self.template = load_text(bundle)
-        self.generator = Generator(bundle, threads=threads)
+        self.generator = Generator(bundle, threads=threads, compute=compute)
         self.trained = latest_adapter(bundle, state_dir, checkpoint=checkpoint)
         self.off = disabled(bundle, self.trained.tensors)
 
@@ -45,7 +46,7 @@ class Answerer:
 
 
 def answer(bundle: Bundle, prompt: str, *, use_adapter: bool = True, threads: int = 0, state_dir: Path | None = None,
-           checkpoint: str = "latest", **kwargs) -> tuple[str, str]:
-    answerer = Answerer(bundle, threads=threads, state_dir=state_dir, checkpoint=checkpoint)
+           checkpoint: str = "latest", compute: str = "exact", **kwargs) -> tuple[str, str]:
+    answerer = Answerer(bundle, threads=threads, state_dir=state_dir, checkpoint=checkpoint, compute=compute)
     origin = answerer.trained.origin if use_adapter else "off (base model)"
     return answerer(prompt, use_adapter=use_adapter, **kwargs), origin

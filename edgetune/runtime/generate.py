@@ -12,23 +12,25 @@ import numpy as np
 from edgetune.bundle import Bundle
 from edgetune.errors import BundleError, EdgetuneError
 from edgetune.runtime.adapter_source import check_adapter
-from edgetune.runtime.ort_import import onnxruntime
+from edgetune.runtime.generation_session import open_session
 from edgetune.runtime.session_options import generation_options
 
 
 class Generator:
-    """One ONNX Runtime session on the bundle's generation graph; ``threads=0`` lets ORT choose."""
+    """One ONNX Runtime session on the bundle's generation graph; ``threads=0`` lets ORT choose.
 
-    def __init__(self, bundle: Bundle, threads: int = 0):
-        ort = onnxruntime()
+    ``compute`` "exact" or "int8" and ``cache`` (reuse ORT's optimised graph from
+    ``<bundle>/generation-cache``): see ``edgetune.runtime.generation_session``.
+    """
 
+    def __init__(self, bundle: Bundle, threads: int = 0, compute: str = "exact", cache: bool = True):
         manifest = bundle.manifest
         info = manifest.generation
         if info is None:
             raise BundleError(f"bundle {str(bundle.folder)!r} has no generation graph; re-export it with this edgetune.")
         path = bundle.path("generation")
-        options = generation_options(threads)  # checks threads; int8 weights folded at load
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        options = generation_options(threads)  # checks threads
+        self.session = open_session(bundle, options, compute=compute, cache=cache)
         self.info = info
         self.manifest = manifest
         from edgetune.fixed_adapter import read_fixed

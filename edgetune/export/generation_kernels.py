@@ -1,0 +1,148 @@
+"""Weight-only kernels for the generation graph: decode from the int8 weights, never an fp32 copy.
+
+The int8 rewrite (``export/quantize.py``) reads a frozen linear weight as
+``DequantizeLinear(q (out, in) int8, scale (out,), axis=0) -> Transpose -> MatMul``. ONNX Runtime
+either folds that into an fp32 constant at load (4x the weight memory: 1.7 GB peak RSS for
+SmolLM2-135M) or, when told not to, dequantizes every weight at every token (10x slower). Here
+each such MatMul becomes one com.microsoft ``MatMulNBits`` node that reads the int8 values as
+they are, with the same numbers:
+
+  MatMulNBits in onnxruntime 1.19.2 (the training build) takes 4-bit weights only ("Only 4b
+  quantization is supported"), so each int8 value q in [-127, 127] is split exactly into two
+  nibbles: q = 16 * hi + lo with hi = floor(q / 16) in [-8, 7] and lo in [0, 15]. Then
+
+      x @ (s * q)^T = [x, x] @ [16 s * hi ; s * lo]^T
+
+  i.e. ONE MatMulNBits over K' = 2 * in, fed ``Concat(x, x)``: the first in/block_size blocks
+  hold hi + 8 (zero point 8, scale 16 s), the rest hold lo (zero point 0, scale s). Scales and
+  zero points are per block and output column, so both halves fit one weight. The weight takes
+  8 bits per value plus one fp32 scale per block (block_size 64: +0.125 byte per value).
+  With ``accuracy_level`` 0 the kernel dequantizes blocks to fp32 and multiplies in fp32, so
+  the logits equal the fp32-copy path's up to fp32 summation order (tests check it).
+
+``MatMulNBits`` is in the stock onnxruntime CPU build (every platform) and in the 1.19.2 training
+build, and in no ONNX domain a gradient exists for: this rewrite is for the generation graph only.
+The embedding lookup keeps reading the int8 table (``Gather`` + scale), and a head tied to the
+embedding gets its own split copy (int8-sized) next to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgetune.onnx_graph import attr, sort_graph
+
+MS_DOMAIN = "com.microsoft"
+BLOCK_SIZES = (256, 128, 64, 32, 16)  # what MatMulNBits accepts; the largest that divides ``in`` is used
+KERNEL = "int8-split-nibbles"  # manifest tag: the graph's frozen linears run MatMulNBits on split int8
+
+
+def block_size_for(k: int) -> int | None:
+    """Largest MatMulNBits block size dividing ``k`` (so the hi and lo halves never share a block)."""
+    return next((b for b in BLOCK_SIZES if k % b == 0), None)
+
+
+def split_nibbles(q: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 q (N, K) in [-127, 127] and scales (N,) -> MatMulNBits B, scales, zero points for K' = 2K.
+
+    Returns B uint8 (N, 2K / bs, bs / 2) (element k in the low nibble when k is even), scales
+    fp32 (N * 2K / bs,) and zero points uint8 (N * ceil(2K / bs / 2),), all in MatMulNBits' layout.
+    """
+    n, k = q.shape
+    q16 = q.astype(np.int16)
+    hi = np.floor_divide(q16, 16)  # [-8, 7]
+    lo = q16 - 16 * hi  # [0, 15]
+    values = np.concatenate([hi + 8, lo], axis=1).astype(np.uint8)  # (N, 2K) unsigned nibbles
+    packed = values[:, 0::2] | (values[:, 1::2] << 4)  # (N, K): two nibbles per byte
+    blocks = k // block_size  # per half
+    b = packed.reshape(n, 2 * blocks, block_size // 2)
+    scales = np.concatenate([np.repeat(16 * scale[:, None], blocks, 1), np.repeat(scale[:, None], blocks, 1)], axis=1)
+    zp = np.concatenate([np.full((n, blocks), 8, np.uint8), np.zeros((n, blocks), np.uint8)], axis=1)  # (N, 2 * blocks)
+    if zp.shape[1] % 2:
+        zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+    zp_packed = zp[:, 0::2] | (zp[:, 1::2] << 4)
+    return b, scales.astype(np.float32).reshape(-1), zp_packed.reshape(-1)
+
+
+def int8_linears_to_nbits(model: onnx.ModelProto) -> int:
+    """In place: every ``DequantizeLinear(int8, axis=0) -> Transpose -> MatMul`` becomes one MatMulNBits.
+
+    Returns the number of MatMuls rewritten. A weight with any other reader keeps its
+    DequantizeLinear for that reader.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    drop: set[int] = set()  # id() of nodes replaced
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    rewritten = 0
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        q_init, s_init = inits.get(dq.input[0]), inits.get(dq.input[1])
+        if (q_init is None or s_init is None or q_init.data_type != onnx.TensorProto.INT8 or len(q_init.dims) != 2
+                or attr(dq, "axis", 1) != 0 or not _zero_point_is_zero(dq, inits)):
+            continue
+        n, k = q_init.dims
+        bs = block_size_for(k)
+        if bs is None:
+            continue
+        matmuls = []  # (transpose, matmul) pairs this weight feeds as the right-hand side
+        for t in readers.get(dq.output[0], []):
+            if t.op_type == "Transpose" and attr(t, "perm", [1, 0]) == [1, 0]:
+                for mm in readers.get(t.output[0], []):
+                    if mm.op_type == "MatMul" and mm.input[1] == t.output[0] and mm.input[0] != t.output[0]:
+                        matmuls.append((t, mm))
+        if not matmuls:
+            continue
+        b, scales, zp = split_nibbles(numpy_helper.to_array(q_init), numpy_helper.to_array(s_init), bs)
+        base = dq.input[0].removesuffix(".int8")
+        names = (f"{base}.nbits", f"{base}.nbits_scale", f"{base}.nbits_zero_point")
+        new_inits += [numpy_helper.from_array(v, nm) for v, nm in zip((b, scales, zp), names)]
+        for t, mm in matmuls:
+            x, twice = mm.input[0], f"{mm.output[0]}/x_twice"
+            new_nodes += [
+                helper.make_node("Concat", [x, x], [twice], axis=-1, name=f"{mm.name or mm.output[0]}/Concat"),
+                helper.make_node("MatMulNBits", [twice, *names], list(mm.output), domain=MS_DOMAIN,
+                                 K=2 * k, N=n, bits=4, block_size=bs, accuracy_level=0,
+                                 name=f"{mm.name or mm.output[0]}/MatMulNBits"),
+            ]
+            drop.add(id(mm))
+            rewritten += 1
+    kept = [nd for nd in graph.node if id(nd) not in drop]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(new_inits)
+    sort_graph(graph, new_nodes)
+    _remove_unread(graph)
+    if rewritten and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return rewritten
+
+
+def _zero_point_is_zero(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    if len(dq.input) < 3 or not dq.input[2]:
+        return False  # no zero point: ONNX types the output uint8 — not the int8 rewrite's graph
+    zp = inits.get(dq.input[2])
+    return zp is not None and zp.data_type == onnx.TensorProto.INT8 and not numpy_helper.to_array(zp).any()
+
+
+def _remove_unread(graph: onnx.GraphProto) -> None:
+    """Drop Transposes / DequantizeLinears no one reads any more, then initializers no node reads."""
+    outputs = {o.name for o in graph.output}
+    changed = True
+    while changed:
+        read = {name for nd in graph.node for name in nd.input} | outputs
+        dead = [nd for nd in graph.node if nd.op_type in ("Transpose", "DequantizeLinear")
+                and not any(o in read for o in nd.output)]
+        for nd in dead:
+            graph.node.remove(nd)
+        changed = bool(dead)
+    read = {name for nd in graph.node for name in nd.input}
+    unread = [t for t in graph.initializer if t.name not in read]
+    for t in unread:
+        graph.initializer.remove(t)
