@@ -11,7 +11,10 @@ not from node names: walking the (topologically sorted) nodes, a tensor is "tain
 when it depends on that layer's A or B; the first Add with one tainted and one clean input is
 the join, and its clean input is the base output. The base weight is the declared
 ``<module>.base.weight`` (fp32 initializer, or the output of an int8 DequantizeLinear, in which
-case it is dequantized, merged and re-quantized per row by ``edgetune.quantization``'s rule).
+case it is dequantized, merged and re-quantized per row by ``edgetune.quantization``'s rule). In a
+graph with the int8 kernels (``export/generation_kernels.py``) the base weight is the
+``<module>.base.weight.nbits`` triple of one MatMulNBits: its int8 values are read back
+(``join_nibbles``), merged and re-quantized the same way, then split again.
 The merged graph is written crash-safely by ``onnx_graph.save_model`` (temp folder, fsync, rename).
 """
 
@@ -26,7 +29,7 @@ from onnx import numpy_helper
 from edgetune.bundle import Manifest
 from edgetune.errors import BundleError
 from edgetune.onnx_graph import remove_dead_nodes, save_model, sort_graph
-from edgetune.quantization import dequantize_rows, quantize_rows
+from edgetune.quantization import NBITS_SUFFIXES, dequantize_rows, join_nibbles, quantize_rows, split_nibbles
 
 
 def merge_adapter(bundle_dir: Path | str, manifest: Manifest, adapter: dict[str, np.ndarray], out_path: Path | str) -> None:
@@ -80,8 +83,9 @@ def merge_lora_graph(proto: onnx.ModelProto, tensors: dict[str, np.ndarray], wei
             uses[name] = uses.get(name, 0) + 1
     for module, pair in layers.items():
         weight = f"{module}.base.weight"
-        if uses.get(weight, 0) != 1:  # shared (e.g. tied) weight: merging would change its other uses too
-            raise BundleError(f"base weight {weight!r} is read by {uses.get(weight, 0)} nodes; "
+        stored = weight + NBITS_SUFFIXES[0] if weight + NBITS_SUFFIXES[0] in inits else weight
+        if uses.get(stored, 0) != 1:  # shared (e.g. tied) weight: merging would change its other uses too
+            raise BundleError(f"base weight {weight!r} is read by {uses.get(stored, 0)} nodes; "
                               "merging supports layers with their own weight only.")
         delta = weight_delta(module, {role: tensors[name] for role, name in pair.items()})  # (out, in)
         _fold(inits, dq, weight, delta)
@@ -134,6 +138,15 @@ def _fold(inits, dq, weight: str, delta: np.ndarray) -> None:
         q, scale = quantize_rows(w + delta)
         inits[q_name].CopyFrom(numpy_helper.from_array(q, q_name))
         inits[scale_name].CopyFrom(numpy_helper.from_array(scale, scale_name))
+    elif weight + NBITS_SUFFIXES[0] in inits:  # MatMulNBits on split int8 (B, scales, zero points)
+        names = [weight + suffix for suffix in NBITS_SUFFIXES]
+        b = numpy_helper.to_array(inits[names[0]])
+        q, scale = join_nibbles(b, numpy_helper.to_array(inits[names[1]]))
+        w = dequantize_rows(q, scale)
+        _check(weight, w.shape, delta.shape)
+        q, scale = quantize_rows(w + delta)
+        for name, value in zip(names, split_nibbles(q, scale, b.shape[2] * 2)):
+            inits[name].CopyFrom(numpy_helper.from_array(value, name))
     else:
         raise BundleError(f"base weight {weight!r} is not in the generation graph; re-export the bundle.")
 

@@ -28,42 +28,14 @@ embedding gets its own split copy (int8-sized) next to it.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from edgetune.onnx_graph import attr, sort_graph
+from edgetune.quantization import NBITS_SUFFIXES, block_size_for, split_nibbles
 
 MS_DOMAIN = "com.microsoft"
-BLOCK_SIZES = (256, 128, 64, 32, 16)  # what MatMulNBits accepts; the largest that divides ``in`` is used
 KERNEL = "int8-split-nibbles"  # manifest tag: the graph's frozen linears run MatMulNBits on split int8
-
-
-def block_size_for(k: int) -> int | None:
-    """Largest MatMulNBits block size dividing ``k`` (so the hi and lo halves never share a block)."""
-    return next((b for b in BLOCK_SIZES if k % b == 0), None)
-
-
-def split_nibbles(q: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """int8 q (N, K) in [-127, 127] and scales (N,) -> MatMulNBits B, scales, zero points for K' = 2K.
-
-    Returns B uint8 (N, 2K / bs, bs / 2) (element k in the low nibble when k is even), scales
-    fp32 (N * 2K / bs,) and zero points uint8 (N * ceil(2K / bs / 2),), all in MatMulNBits' layout.
-    """
-    n, k = q.shape
-    q16 = q.astype(np.int16)
-    hi = np.floor_divide(q16, 16)  # [-8, 7]
-    lo = q16 - 16 * hi  # [0, 15]
-    values = np.concatenate([hi + 8, lo], axis=1).astype(np.uint8)  # (N, 2K) unsigned nibbles
-    packed = values[:, 0::2] | (values[:, 1::2] << 4)  # (N, K): two nibbles per byte
-    blocks = k // block_size  # per half
-    b = packed.reshape(n, 2 * blocks, block_size // 2)
-    scales = np.concatenate([np.repeat(16 * scale[:, None], blocks, 1), np.repeat(scale[:, None], blocks, 1)], axis=1)
-    zp = np.concatenate([np.full((n, blocks), 8, np.uint8), np.zeros((n, blocks), np.uint8)], axis=1)  # (N, 2 * blocks)
-    if zp.shape[1] % 2:
-        zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
-    zp_packed = zp[:, 0::2] | (zp[:, 1::2] << 4)
-    return b, scales.astype(np.float32).reshape(-1), zp_packed.reshape(-1)
 
 
 def int8_linears_to_nbits(model: onnx.ModelProto) -> int:
@@ -101,7 +73,7 @@ def int8_linears_to_nbits(model: onnx.ModelProto) -> int:
             continue
         b, scales, zp = split_nibbles(numpy_helper.to_array(q_init), numpy_helper.to_array(s_init), bs)
         base = dq.input[0].removesuffix(".int8")
-        names = (f"{base}.nbits", f"{base}.nbits_scale", f"{base}.nbits_zero_point")
+        names = tuple(base + suffix for suffix in NBITS_SUFFIXES)
         new_inits += [numpy_helper.from_array(v, nm) for v, nm in zip((b, scales, zp), names)]
         for t, mm in matmuls:
             x, twice = mm.input[0], f"{mm.output[0]}/x_twice"
