@@ -54,7 +54,16 @@ def latest_adapter(bundle: "Bundle", state_dir: Path | None = None, backend: str
 
 
 def initial_adapter(bundle: "Bundle", backend: str = AUTO) -> dict[str, np.ndarray]:
-    """The trainable tensors as exported (graph name -> array), read by ``backend`` from the bundle."""
+    """The trainable tensors as exported (graph name -> array), read by ``backend`` from the bundle.
+
+    With ``AUTO`` they are read straight from the checkpoint file (memory-mapped, only these
+    tensors): the training build's ``CheckpointState`` would load every frozen weight too (137 MB
+    for SmolLM2-135M int8), which ``generate`` on a fresh bundle then carried as peak memory.
+    Both read the same bytes."""
+    if backend == AUTO:
+        from edgetune.runtime.ort_checkpoint import read_trainable
+
+        return read_trainable(bundle.path("checkpoint"), [t.graph_name for t in bundle.manifest.trainable]).params
     return open_backend(backend, bundle, training=False).initial_adapter()
 
 
