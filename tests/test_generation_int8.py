@@ -146,7 +146,7 @@ def cached(graphs, tmp_path, monkeypatch):
     bundle = Bundle(folder, src.manifest, verified=True)
     builds = []
     real = generation_session._commit
-    monkeypatch.setattr(generation_session, "_commit", lambda *a: builds.append(a[1].name) or real(*a))
+    monkeypatch.setattr(generation_session, "_commit", lambda *a: builds.append(a[2].name) or real(*a))
     ADAPTER.update(graphs[1])
     return bundle, builds
 
@@ -171,6 +171,8 @@ def test_cache_is_written_once_and_reused(cached):
     assert record["source_sha256"] == bundle.manifest.files["generation_model.onnx"]
     assert record["onnxruntime"] == onnxruntime().__version__ and record["compute"] == "exact"
     assert builds == ["generation-exact.onnx"]
+    assert _weights_files(cache) == [record["weights"]]  # the weights live beside the graph, memory-mapped at load
+    assert (cache / "generation-exact.onnx").stat().st_size < (cache / record["weights"]).stat().st_size
     stamp = (cache / "generation-exact.onnx").stat().st_mtime_ns
     again = _logits(bundle)
     assert builds == ["generation-exact.onnx"]  # loaded, not rebuilt
@@ -181,18 +183,28 @@ def test_cache_is_written_once_and_reused(cached):
     assert (cache / "generation-exact.json").is_file() and (cache / "generation-int8.json").is_file()
 
 
-@pytest.mark.parametrize("damage", ["flip-byte", "other-graph", "stale-version", "stale-source", "bad-json", "no-json"])
-def test_damaged_or_stale_cache_is_rebuilt_not_trusted(cached, damage):
+def _weights_files(cache):
+    return sorted(p.name for p in cache.glob("generation-exact.*.weights"))
+
+
+@pytest.mark.parametrize("damage", ["flip-byte", "flip-weights-byte", "other-graph", "stale-version", "stale-source",
+                                    "bad-json", "no-json", "weights-elsewhere", "foreign-location"])
+def test_damaged_or_stale_cache_is_rebuilt_not_trusted(cached, damage, tmp_path):
+    from onnx.external_data_helper import _get_all_tensors
+
     from edgetune.bundle import sha256_file
 
     bundle, builds = cached
     first = _logits(bundle)
-    graph, meta = (bundle.folder / "generation-cache" / f"generation-exact.{ext}" for ext in ("onnx", "json"))
+    cache = bundle.folder / "generation-cache"
+    graph, meta = cache / "generation-exact.onnx", cache / "generation-exact.json"
     record = json.loads(meta.read_text())
-    if damage == "flip-byte":
-        data = bytearray(graph.read_bytes())
+    weights = cache / record["weights"]
+    if damage in ("flip-byte", "flip-weights-byte"):
+        path = graph if damage == "flip-byte" else weights
+        data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
-        graph.write_bytes(bytes(data))
+        path.write_bytes(bytes(data))
     elif damage == "other-graph":  # a valid graph, but not the one recorded
         shutil.copyfile(bundle.path("generation"), graph)
     elif damage == "stale-version":
@@ -201,12 +213,26 @@ def test_damaged_or_stale_cache_is_rebuilt_not_trusted(cached, damage):
         meta.write_text(json.dumps({**record, "source_sha256": "0" * 64}))
     elif damage == "bad-json":
         meta.write_text("{not json")
-    else:
+    elif damage == "no-json":
         meta.unlink()
+    elif damage == "weights-elsewhere":  # the JSON names a file outside the cache folder
+        meta.write_text(json.dumps({**record, "weights": "../../" + record["weights"]}))
+    else:  # hashes all consistent, but the graph reads its weights from a file outside the folder
+        outside = tmp_path / "outside.weights"
+        shutil.copyfile(weights, outside)
+        model = onnx.load(str(graph), load_external_data=False)
+        for t in _get_all_tensors(model):
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = str(outside)
+        onnx.save(model, str(graph))
+        meta.write_text(json.dumps({**record, "sha256": sha256_file(graph)}))
     np.testing.assert_allclose(_logits(bundle), first, atol=1e-6)
     assert len(builds) == 2  # rebuilt
     record = json.loads(meta.read_text())
     assert record["sha256"] == sha256_file(graph) and record["onnxruntime"] != "0.0.1"
+    assert _weights_files(cache) == [record["weights"]]  # the old weights file is gone
+    assert record["weights_sha256"] == sha256_file(cache / record["weights"])
 
 
 def test_symlinked_cache_folder_is_neither_read_nor_written(cached, tmp_path):
