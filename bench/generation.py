@@ -118,12 +118,21 @@ def _decode(step, a: dict, np) -> dict:
     """Greedy: the prompt, then one token per step; times of the first token and of the rest."""
     ids = np.array([a["prompt_ids"]], np.int64)
     token, past = step(ids, None)
-    first = time.time()
+    first, first_cpu = time.time(), _cpu()
     tokens = [token]
     for _ in range(a["new_tokens"] - 1):
         token, past = step(np.array([[token]], np.int64), past)
         tokens.append(token)
-    return {"first_token_at": first, "decode_s": time.time() - first, "tokens": tokens}
+    return {"first_token_at": first, "first_token_cpu_s": first_cpu, "decode_s": time.time() - first,
+            "decode_cpu_s": _cpu() - first_cpu, "tokens": tokens}
+
+
+def _cpu() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def child_main(kind: str, payload: str) -> None:
@@ -143,7 +152,8 @@ def run(kind: str, a: dict) -> dict:
     r = out["result"]
     steps = a["new_tokens"] - 1
     return {"first_token_s": r["first_token_at"] - spawned, "load_s": r["loaded_at"] - spawned,
-            "tokens_per_s": steps / r["decode_s"], "cpu_s": r["cpu_s"], "peak_rss_bytes": out["ru_maxrss_bytes"],
+            "tokens_per_s": steps / r["decode_s"], "cpu_s": r["cpu_s"], "first_token_cpu_s": r["first_token_cpu_s"],
+            "decode_cpu_ms_per_token": 1000 * r["decode_cpu_s"] / steps, "peak_rss_bytes": out["ru_maxrss_bytes"],
             "tokens": r["tokens"]}
 
 
@@ -174,16 +184,19 @@ def render(result: dict) -> str:
     lines = [f"CPU: {m['cpu']}  SIMD: {', '.join(m['simd']) or 'none found'}  threads: {m['threads']}  "
              f"load average at start: {m['load_average_at_start']}",
              f"prompt: {result['prompt_tokens']} tokens, then {result['new_tokens']} greedy tokens",
-             f"{'run':<22}{'first token s':>14}{'load s':>8}{'tokens/s':>10}{'CPU s':>8}{'peak RSS GB':>13}"]
+             f"{'run':<22}{'first token s':>14}{'(CPU s)':>9}{'load s':>8}{'tokens/s':>10}{'CPU ms/token':>14}"
+             f"{'CPU s':>8}{'peak RSS GB':>13}"]
     for name, r in result["runs"].items():
-        lines.append(f"{name:<22}{r['first_token_s']:>14.2f}{r['load_s']:>8.2f}{r['tokens_per_s']:>10.1f}"
-                     f"{r['cpu_s']:>8.2f}{r['peak_rss_bytes'] / 1e9:>13.3f}")
+        lines.append(f"{name:<22}{r['first_token_s']:>14.2f}{r['first_token_cpu_s']:>9.2f}{r['load_s']:>8.2f}"
+                     f"{r['tokens_per_s']:>10.1f}{r['decode_cpu_ms_per_token']:>14.1f}{r['cpu_s']:>8.2f}"
+                     f"{r['peak_rss_bytes'] / 1e9:>13.3f}")
     ref = result["runs"].get("transformers")
     if ref:
         for name, r in result["runs"].items():
             if name != "transformers":
                 same = sum(x == y for x, y in zip(r["tokens"], ref["tokens"]))
-                lines.append(f"{name}: tokens/s {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x transformers', peak RSS "
+                lines.append(f"{name}: tokens/s {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x transformers' "
+                             f"(CPU per token {r['decode_cpu_ms_per_token'] / ref['decode_cpu_ms_per_token']:.2f}x), peak RSS "
                              f"{r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x; {same}/{len(ref['tokens'])} tokens "
                              "equal to transformers'")
     return "\n".join(lines)
