@@ -11,8 +11,8 @@ included). One graph serves both the prompt step (past_len 0) and every next tok
 
 The adapter tensors are inputs rather than weights so the device feeds its current adapter
 with no re-export. With ``quantize``, the frozen linear layers then run ``MatMulNBits`` on the
-int8 values (``generation_kernels``): no fp32 copy of a frozen weight exists at any time. Constant folding is off, and the adapter tensors get distinct random values
-during the trace, because the TorchScript exporter otherwise renames them and merges equal
+int8 values (``generation_kernels``): no fp32 copy of a frozen weight exists at any time.
+Constant folding is off, and the adapter tensors get distinct random values during the trace, because the TorchScript exporter otherwise renames them and merges equal
 ones (all-zero lora_B's) into one initializer.
 """
 
@@ -41,7 +41,8 @@ def export_generation_graph(model, trainables: list[Trainable], path: Path, quan
     """Write the KV-cache decoder of ``model`` (a LoRA-injected ``*ForCausalLM``) to ``path``.
 
     ``quantize`` stores every frozen 2-D fp32 weight (linear layers, embedding table) as int8 per
-    row, read by MatMulNBits (linear layers) and an int8 Gather (embedding); the adapter inputs stay fp32. The model is left as it was given (values, config, mode).
+    row, read by MatMulNBits (linear layers) and an int8 Gather (embedding); the adapter inputs
+    stay fp32. The model is left as it was given (values, config, mode).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
