@@ -12,8 +12,9 @@ included). One graph serves both the prompt step (past_len 0) and every next tok
 The adapter tensors are inputs rather than weights so the device feeds its current adapter
 with no re-export. With ``quantize``, the frozen linear layers then run ``MatMulNBits`` on the
 int8 values (``generation_kernels``): no fp32 copy of a frozen weight exists at any time.
-Constant folding is off, and the adapter tensors get distinct random values during the trace, because the TorchScript exporter otherwise renames them and merges equal
-ones (all-zero lora_B's) into one initializer.
+Constant folding is off, and the adapter tensors get distinct random values during the trace,
+because the TorchScript exporter otherwise renames them and merges equal ones (all-zero lora_B's)
+into one initializer.
 """
 
 from __future__ import annotations
