@@ -154,6 +154,7 @@ def _commit(tmp: Path, weights: Path, graph: Path, meta: Path, expected: dict) -
         for path in (tmp, weights):
             fsync_file(path)
         record = {**expected, "sha256": sha256_file(tmp), "weights": weights.name, "weights_sha256": sha256_file(weights)}
+        meta.unlink(missing_ok=True)  # another process may have committed meanwhile: its JSON must not vouch for ours
         replace_file(tmp, graph)
         pattern = _weights_pattern(expected["compute"])
         for old in graph.parent.iterdir():  # a process still mapping one keeps its pages: unlinking is safe
