@@ -60,7 +60,8 @@ class GenerationInfo:
     has_position_ids: bool = True
     # How the frozen linear layers multiply: None = MatMul on DequantizeLinear (fp32) weights, which
     # ONNX Runtime folds into fp32 copies at load (bundles exported before the int8 kernels);
-    # "int8-split-nibbles" = MatMulNBits on the int8 values (edgetune/export/generation_kernels.py).
+    # "int8-split-nibbles" = MatMulNBits on the int8 values, "int4-blocks" = MatMulNBits on the training
+    # graph's int4 blocks (embedding and a tied head: split int8) (edgetune/export/generation_kernels.py).
     linear_kernel: str | None = None
 
 

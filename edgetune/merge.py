@@ -14,7 +14,8 @@ the join, and its clean input is the base output. The base weight is the declare
 case it is dequantized, merged and re-quantized per row by ``edgetune.quantization``'s rule). In a
 graph with the int8 kernels (``export/generation_kernels.py``) the base weight is the
 ``<module>.base.weight.nbits`` triple of one MatMulNBits: its int8 values are read back
-(``join_nibbles``), merged and re-quantized the same way, then split again.
+(``join_nibbles``), merged and re-quantized the same way, then split again; an int4 bundle's
+``.nbits4`` blocks are dequantized, merged and re-quantized block-wise (``quantize_blocks``).
 The merged graph is written crash-safely by ``onnx_graph.save_model`` (temp folder, fsync, rename).
 """
 
@@ -29,7 +30,8 @@ from onnx import numpy_helper
 from edgetune.bundle import Manifest
 from edgetune.errors import BundleError
 from edgetune.onnx_graph import remove_dead_nodes, save_model, sort_graph
-from edgetune.quantization import NBITS_SUFFIXES, dequantize_rows, join_nibbles, quantize_rows, split_nibbles
+from edgetune.quantization import (NBITS4_SUFFIXES, NBITS_SUFFIXES, blocks_to_nbits, dequantize_blocks, dequantize_rows,
+                                   join_nibbles, nbits_to_blocks, quantize_blocks, quantize_rows, split_nibbles)
 
 
 def merge_adapter(bundle_dir: Path | str, manifest: Manifest, adapter: dict[str, np.ndarray], out_path: Path | str) -> None:
@@ -83,7 +85,8 @@ def merge_lora_graph(proto: onnx.ModelProto, tensors: dict[str, np.ndarray], wei
             uses[name] = uses.get(name, 0) + 1
     for module, pair in layers.items():
         weight = f"{module}.base.weight"
-        stored = weight + NBITS_SUFFIXES[0] if weight + NBITS_SUFFIXES[0] in inits else weight
+        stored = next((weight + suffix[0] for suffix in (NBITS_SUFFIXES, NBITS4_SUFFIXES) if weight + suffix[0] in inits),
+                      weight)
         if uses.get(stored, 0) != 1:  # shared (e.g. tied) weight: merging would change its other uses too
             raise BundleError(f"base weight {weight!r} is read by {uses.get(stored, 0)} nodes; "
                               "merging supports layers with their own weight only.")
@@ -146,6 +149,15 @@ def _fold(inits, dq, weight: str, delta: np.ndarray) -> None:
         _check(weight, w.shape, delta.shape)
         q, scale = quantize_rows(w + delta)
         for name, value in zip(names, split_nibbles(q, scale, b.shape[2] * 2)):
+            inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    elif weight + NBITS4_SUFFIXES[0] in inits:  # MatMulNBits on int4 blocks of W^T (an int4 bundle)
+        names = [weight + suffix for suffix in NBITS4_SUFFIXES]
+        b = numpy_helper.to_array(inits[names[0]])
+        block_size = b.shape[2] * 2
+        wt = dequantize_blocks(*nbits_to_blocks(b, numpy_helper.to_array(inits[names[1]]), delta.shape[1]), block_size)
+        _check(weight, wt.T.shape, delta.shape)
+        merged = blocks_to_nbits(*quantize_blocks((wt.T + delta).T.copy(), block_size), block_size)
+        for name, value in zip(names, merged):
             inits[name].CopyFrom(numpy_helper.from_array(value, name))
     else:
         raise BundleError(f"base weight {weight!r} is not in the generation graph; re-export the bundle.")

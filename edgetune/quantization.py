@@ -100,3 +100,28 @@ def join_nibbles(b: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndar
     q = 16 * (values[:, :k] - 8) + values[:, k:]
     scale = scales.reshape(n, -1)[:, -1]  # a lo block's scale is the row scale itself
     return q.astype(np.int8), scale.astype(np.float32)
+
+
+NBITS4_SUFFIXES = (".nbits4", ".nbits4_scale")  # int4 blocks as MatMulNBits B and scales (zero point 8, its default)
+
+
+def blocks_to_nbits(q: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``quantize_blocks``' q (in, out) in [-7, 7] and scales (n_blocks, out) -> MatMulNBits B (out, n_blocks,
+    block_size / 2) (value + 8, the low nibble first; the padding of a short last block reads as 0) and
+    scales (out * n_blocks,)."""
+    n_in, n_out = q.shape
+    n_blocks = scale.shape[0]
+    values = np.full((n_out, n_blocks * block_size), 8, np.uint8)
+    values[:, :n_in] = (q.T.astype(np.int16) + 8).astype(np.uint8)
+    packed = values[:, 0::2] | (values[:, 1::2] << 4)
+    return packed.reshape(n_out, n_blocks, block_size // 2), np.ascontiguousarray(scale.T, np.float32).reshape(-1)
+
+
+def nbits_to_blocks(b: np.ndarray, scales: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """``blocks_to_nbits``' B and scales -> q (in, out) int8 in [-7, 7] and scales (n_blocks, out)."""
+    n_out, n_blocks = b.shape[:2]
+    flat = b.reshape(n_out, -1)
+    values = np.empty((n_out, flat.shape[1] * 2), np.int16)
+    values[:, 0::2], values[:, 1::2] = flat & 0x0F, flat >> 4
+    q = (values[:, :n_in] - 8).T.astype(np.int8)
+    return np.ascontiguousarray(q), np.ascontiguousarray(scales.reshape(n_out, n_blocks).T)

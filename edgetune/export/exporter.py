@@ -284,8 +284,9 @@ def _generation_graph(opts, method, model, trainables, fixed, tmp: Path, report)
     from edgetune.export.generation_graph import export_generation_graph
 
     report("exporting the generation graph (key/value cache, adapter as inputs)")
-    # int4 bundles generate from int8 weights: optimum exports the KV-cache graph at opset 17, which
-    # cannot be re-stamped to the opset 21 that block-wise int4 needs.
+    # int4 bundles generate from the same int4 blocks as training, read by com.microsoft MatMulNBits
+    # (optimum exports the KV-cache graph at opset 17, which cannot be re-stamped to the opset 21 that
+    # block-wise DequantizeLinear needs; MatMulNBits needs neither).
     # Fixed adapter tensors are generation inputs like the trained ones (fed from the bundle on the device).
     # A method may trace a different view of the model for generation (prefix: the base decoder, its
     # tensors arriving as the initial cache); by default every adapter tensor becomes a graph input.
@@ -293,7 +294,8 @@ def _generation_graph(opts, method, model, trainables, fixed, tmp: Path, report)
     adapter_tensors = trainables + fixed
     with view(model, adapter_tensors) if view else contextlib.nullcontext(adapter_tensors) as generation_inputs:
         return export_generation_graph(model, generation_inputs, tmp / "generation_model.onnx",
-                                       quantize=opts.quantize != "none")
+                                       quantize=opts.quantize != "none",
+                                       int4_block_size=opts.block_size if opts.quantize == "int4" else None)
 
 
 def _manifest(opts, method, model, graph, params, trainables, trainable_names, fixed, fixed_keys, quantized,

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper
 from edgetune.bundle import GenerationInfo
 from edgetune.constants import OPSET
 from edgetune.errors import ExportError
-from edgetune.export.generation_kernels import KERNEL, int8_linears_to_nbits
+from edgetune.export.generation_kernels import KERNEL, KERNEL_INT4, int4_linears_to_nbits, int8_linears_to_nbits
 from edgetune.export.methods import Trainable
 from edgetune.export.training_graph import graph_name
 from edgetune.onnx_graph import save_model
@@ -38,12 +38,14 @@ TASK = "text-generation-with-past"
 MAX_IR_VERSION = 10  # onnxruntime(-training) 1.19.2 loads IR <= 10; onnx >= 1.18 writes IR 14
 
 
-def export_generation_graph(model, trainables: list[Trainable], path: Path, quantize: bool) -> GenerationInfo:
+def export_generation_graph(model, trainables: list[Trainable], path: Path, quantize: bool,
+                            int4_block_size: int | None = None) -> GenerationInfo:
     """Write the KV-cache decoder of ``model`` (a LoRA-injected ``*ForCausalLM``) to ``path``.
 
     ``quantize`` stores every frozen 2-D fp32 weight (linear layers, embedding table) as int8 per
     row, read by MatMulNBits (linear layers) and an int8 Gather (embedding); the adapter inputs
-    stay fp32. The model is left as it was given (values, config, mode).
+    stay fp32. With ``int4_block_size`` (an int4 bundle) the linear weights are int4 blocks as in
+    the training graph instead. The model is left as it was given (values, config, mode).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,8 +58,14 @@ def export_generation_graph(model, trainables: list[Trainable], path: Path, quan
         from edgetune.export.quantize import quantize_graph
 
         frozen = [t.name for t in proto.graph.initializer if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT]
-        quantize_graph(proto, frozen)
-        kernel = KERNEL if int8_linears_to_nbits(proto) else None
+        int4 = []
+        if int4_block_size is not None:
+            from edgetune.export.quantize_int4 import linear_weights
+
+            int4 = int4_linears_to_nbits(proto, linear_weights(proto, frozen), int4_block_size)
+        quantize_graph(proto, [n for n in frozen if n not in set(int4)])
+        int8 = int8_linears_to_nbits(proto)
+        kernel = KERNEL_INT4 if int4 else KERNEL if int8 else None
     else:
         kernel = None
     if proto.ir_version > MAX_IR_VERSION:

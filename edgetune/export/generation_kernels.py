@@ -27,6 +27,11 @@ they are, with the same numbers:
 build; ONNX Runtime has no gradient for it, so this rewrite is for the generation graph only.
 The embedding lookup keeps reading the int8 table (``Gather`` + scale), and a head tied to the
 embedding gets its own split copy (int8-sized) next to it.
+
+An int4 bundle's generation graph (``int4_linears_to_nbits``) stores each frozen linear weight as
+the training graph does (``quantization.quantize_blocks`` of W^T, symmetric, zero point 0) in
+MatMulNBits' own 4-bit layout (value + 8 with its default zero point 8), so generation computes
+with the same rounded base that training does; the embedding and a head tied to it stay int8.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgetune.onnx_graph import attr, sort_graph
-from edgetune.quantization import NBITS_SUFFIXES, block_size_for, split_nibbles
+from edgetune.quantization import NBITS4_SUFFIXES, NBITS_SUFFIXES, block_size_for, blocks_to_nbits, quantize_blocks, split_nibbles
 
 MS_DOMAIN = "com.microsoft"
 KERNEL = "int8-split-nibbles"  # manifest tag: the graph's frozen linears run MatMulNBits on split int8
+KERNEL_INT4 = "int4-blocks"  # --quantize int4: the linears run MatMulNBits on the training graph's int4 blocks
 
 
 def int8_linears_to_nbits(model: onnx.ModelProto) -> int:
@@ -132,3 +138,53 @@ def _remove_unread(graph: onnx.GraphProto) -> None:
     unread = [t for t in graph.initializer if t.name not in read]
     for t in unread:
         graph.initializer.remove(t)
+
+
+def int4_linears_to_nbits(model: onnx.ModelProto, names: list[str], block_size: int) -> list[str]:
+    """In place: each named fp32 weight W (out, in) read only as ``Transpose -> MatMul`` (right-hand side)
+    becomes int4 blocks of W^T read by MatMulNBits. Returns the names rewritten; others are left alone."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    drop: set[int] = set()
+    new_nodes: list[onnx.NodeProto] = []
+    done: list[str] = []
+    for name in names:
+        matmuls = _rhs_matmuls(name, readers)
+        if matmuls is None:
+            continue
+        w = numpy_helper.to_array(inits[name])  # (out, in)
+        n, k = w.shape
+        b, scales = blocks_to_nbits(*quantize_blocks(w.T.copy(), block_size), block_size)
+        stored = [name + suffix for suffix in NBITS4_SUFFIXES]
+        graph.initializer.extend([numpy_helper.from_array(b, stored[0]), numpy_helper.from_array(scales, stored[1])])
+        for mm in matmuls:
+            new_nodes.append(helper.make_node("MatMulNBits", [mm.input[0], *stored], list(mm.output), domain=MS_DOMAIN,
+                                              K=k, N=n, bits=4, block_size=block_size, accuracy_level=0,
+                                              name=f"{mm.name or mm.output[0]}/MatMulNBits"))
+            drop.add(id(mm))
+        done.append(name)
+    kept = [nd for nd in graph.node if id(nd) not in drop]
+    del graph.node[:]
+    graph.node.extend(kept)
+    sort_graph(graph, new_nodes)
+    _remove_unread(graph)
+    if done and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return done
+
+
+def _rhs_matmuls(name: str, readers: dict[str, list[onnx.NodeProto]]) -> list[onnx.NodeProto] | None:
+    """The MatMuls reading ``Transpose(name)`` as their right-hand side; None when ``name`` has any other reader."""
+    found = []
+    for t in readers.get(name, []):
+        if t.op_type != "Transpose" or attr(t, "perm", [1, 0]) != [1, 0]:
+            return None
+        for mm in readers.get(t.output[0], []):
+            if mm.op_type != "MatMul" or mm.input[1] != t.output[0] or mm.input[0] == t.output[0]:
+                return None
+            found.append(mm)
+    return found or None
