@@ -33,6 +33,13 @@ def _spec(manifest: Manifest):
     return get_method(manifest.method["name"])
 
 
+def _refuse(spec, manifest: Manifest) -> None:
+    """A bundle whose method has no ecosystem folder for its task: say why, before touching any file."""
+    refusal = spec.folder_refusal(manifest)
+    if refusal:
+        raise DeltaError(f"no {spec.ecosystem} folder for this {manifest.task} bundle (method {spec.name}): {refusal}.")
+
+
 def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray], force: bool = False) -> None:
     """Write ``tensors`` (PEFT key -> array) as a PEFT folder, atomically.
 
@@ -43,6 +50,7 @@ def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.n
     from safetensors.numpy import save_file
 
     spec = _spec(manifest)
+    _refuse(spec, manifest)
     folder = Path(folder)
     try:
         recover_dir(folder)  # a folder set aside by a write killed mid-swap is put back first
@@ -86,6 +94,7 @@ def read_peft_adapter(folder: Path, manifest: Manifest, fixed: dict[str, np.ndar
     from safetensors.numpy import load_file
 
     spec = _spec(manifest)
+    _refuse(spec, manifest)
     folder = Path(folder)
     config_path, weights_path = folder / spec.folder_config_file, folder / spec.folder_weights
     if not config_path.is_file() or not weights_path.is_file():

@@ -35,7 +35,7 @@ LEGACY_INPUTS = [  # the causal-LM graph before packing (ExportOptions.packing=F
 DPO_INPUTS = [*LEGACY_INPUTS, GraphInput("ref_logps", "float32", ["batch"])]
 # sequence-classification: one label index per row (export/classification_graph.py)
 CLASSIFICATION_INPUTS = [*LEGACY_INPUTS[:2], GraphInput("labels", "int64", ["batch"])]
-CLASSIFICATION_METHODS = ("lora",)  # methods whose layers fit an encoder (adapter and prefix sit in decoder blocks)
+CLASSIFICATION_METHODS = ("lora", "adapter")  # methods whose layers fit an encoder (prefix sits in decoder attention)
 ENCODER_LORA_TARGETS = ("query", "value")  # PEFT's default LoRA targets for BERT
 
 
@@ -308,8 +308,10 @@ def _manifest(opts, method, model, graph, params, trainables, trainable_names, f
     from edgetune.quantization import INT4_SCHEME, INT8_SCHEME
 
     peft_config = method.peft_config(opts.method_config, source.model_id)
-    if opts.task == CLASSIFICATION:  # PEFT's sequence classification: the head is saved whole beside the adapter
-        peft_config.update(task_type="SEQ_CLS", modules_to_save=[task_config["head"]])
+    if opts.task == CLASSIFICATION:  # e.g. PEFT's sequence classification: the head saved whole beside the adapter
+        from edgetune.methods import get_method as method_spec
+
+        peft_config = method_spec(opts.method).task_peft_config(peft_config, opts.task, task_config["head"])
 
     shape = {t.name: list(t.dims) for t in graph.graph.initializer}
     dtype = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in graph.graph.initializer}

@@ -14,6 +14,14 @@ adapter) it computes exactly the formula above, so ``to-peft`` writes a folder t
 ``model.load_adapter(folder, use_safetensors=True)`` loads (``adapter_config.json`` + ``adapter.safetensors``,
 keys ``model.layers.{i}.{attention,output}_adapters.adapters.<name>.adapter_{down.0,up}.{weight,bias}``).
 The torch layer is ``edgetune.export.methods.adapter.BottleneckAdapter``.
+
+On a BERT encoder (``--task sequence-classification``) the same adapter sits where AdapterHub's BERT
+puts it: on the output of the attention output projection (``attention.output.dense``) and of the FFN
+output projection (``output.dense``), before their residual LayerNorm: ``LN(h + up(act(down(h))) + x)``.
+Its keys are AdapterHub's for ``BertForSequenceClassification``
+(``bert.encoder.layer.{i}.{attention.output,output}.adapters.edgetune.adapter_{down.0,up}.{weight,bias}``),
+but ``to-peft``/``from-peft`` refuse such a bundle: AdapterHub keeps a classification head in its own
+head format (``save_head``), which edgetune does not write; the delta carries adapters and head.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from edgetune.methods.base import MethodConfig, MethodSpec
 
 TENSOR_ROLES = ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")  # the torch layer's parameters
 PLACES = {"attn": "self_attn", "mlp": "mlp"}  # --adapter-where name -> the decoder layer's block attribute
+# --adapter-where name -> the BERT layer's projection whose output the adapter takes (AdapterHub's
+# mh_adapter in BertSelfOutput, output_adapter in BertOutput)
+ENCODER_PLACES = {"attn": "attention.output.dense", "mlp": "output.dense"}
 ACTIVATIONS = ("swish", "relu")  # AdapterHub's names (transformers' get_activation): swish = SiLU
 DEFAULT_DIM = 16  # when neither --adapter-dim nor --reduction-factor is given
 ADAPTERHUB_NAME = "edgetune"  # the adapter name inside the AdapterHub keys and config
@@ -115,7 +126,22 @@ class AdapterSpec(MethodSpec):
         """``model.layers.0.self_attn`` + ``adapter_down`` -> AdapterHub's
         ``model.layers.0.attention_adapters.adapters.edgetune.adapter_down.0.weight``."""
         layers, _, block = module_path.rpartition(".")
+        if block == "dense":  # BERT: bert.encoder.layer.0.attention.output.dense -> ...attention.output.adapters...
+            return f"{layers}.adapters.{ADAPTERHUB_NAME}.{_HUB_ROLE[role]}"
         return f"{layers}.{_HUB_PLACE[block]}.adapters.{ADAPTERHUB_NAME}.{_HUB_ROLE[role]}"
+
+    def folder_refusal(self, manifest) -> str | None:
+        if manifest.task == "sequence-classification":
+            return ("AdapterHub stores a classification head in its own head format, which edgetune does not write "
+                    "or read; bottleneck adapters of a sequence-classification bundle travel as an edgetune delta "
+                    "(`edgetune delta`, adapters and head), or export the bundle with --method lora for a PEFT folder")
+        return None
+
+    def task_peft_config(self, peft_config: dict, task: str, head: str) -> dict:
+        """A classifier's adapters: AdapterHub's config names BERT (no PEFT task keys: to-peft refuses it)."""
+        if task == "sequence-classification":
+            return {**peft_config, "model_class": "BertForSequenceClassification", "model_type": "bert"}
+        return peft_config
 
     def folder_key(self, key: str) -> str:
         """An AdapterHub key saved under any adapter name -> the name edgetune's keys use."""

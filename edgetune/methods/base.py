@@ -193,7 +193,18 @@ class MethodSpec:
         """``adapter_config.json`` as PEFT writes it for ``config``."""
         raise NotImplementedError
 
+    def task_peft_config(self, peft_config: dict, task: str, head: str) -> dict:
+        """``peft_config`` for a task with a trained head (sequence-classification: PEFT's SEQ_CLS, the
+        head saved whole as ``modules_to_save``)."""
+        if task == "sequence-classification":
+            return {**peft_config, "task_type": "SEQ_CLS", "modules_to_save": [head]}
+        return peft_config
+
     # --- the ecosystem folder (`to-peft` / `from-peft`, edgetune.peft_io) ----------------------------
+    def folder_refusal(self, manifest: "Manifest") -> str | None:
+        """Why this bundle has no ecosystem folder (``to-peft``/``from-peft`` refuse it), or None."""
+        return None
+
     def folder_key(self, key: str) -> str:
         """A key as found in a saved folder -> the manifest's ``peft_key`` (e.g. without an adapter name)."""
         return key

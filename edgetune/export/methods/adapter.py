@@ -1,8 +1,14 @@
 """Bottleneck adapters: the torch layer, its injection after attention/MLP blocks, its AdapterHub naming.
 
-Numerics follow AdapterHub ``adapters``' bottleneck adapter on Llama in the configuration the spec
-writes (``edgetune.methods.adapter``): ``h + up(act(down(h)))`` on the block output h, the decoder
-layer's residual added after it.
+Numerics follow AdapterHub ``adapters``' bottleneck adapter in the configuration the spec writes
+(``edgetune.methods.adapter``): ``h + up(act(down(h)))`` on the block output h.
+
+- Llama (decoder): h is the output of ``self_attn`` / ``mlp``; the decoder layer adds its residual after.
+- BERT (encoder, sequence classification): h is the output of the attention output projection
+  (``attention.output.dense``) / the FFN output projection (``output.dense``), i.e. where AdapterHub's
+  ``BertSelfOutput``/``BertOutput`` call ``bottleneck_layer_forward``: with ``residual_before_ln=True``,
+  ``original_ln_after=True`` that computes ``LayerNorm(h + up(act(down(h))) + x)``, x the block input,
+  which is wrapping the dense layer (dropout between dense and adapter is 0 in a bundle).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from torch import nn
 
 from edgetune.errors import ExportError
 from edgetune.export.methods import Trainable, register
-from edgetune.methods.adapter import ADAPTER as SPEC, PLACES, TENSOR_ROLES, AdapterConfig
+from edgetune.methods.adapter import ADAPTER as SPEC, ENCODER_PLACES, PLACES, TENSOR_ROLES, AdapterConfig
 
 _ACTIVATIONS = {"swish": nn.functional.silu, "relu": nn.functional.relu}
 
@@ -73,11 +79,9 @@ class _Adapter:
         return dataclasses.replace(config, hidden_size=int(model.config.hidden_size))
 
     def inject(self, model: nn.Module, config: AdapterConfig) -> list[Trainable]:
-        """Wrap ``layers[i].self_attn`` / ``layers[i].mlp`` of every decoder layer; freeze everything else."""
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        if layers is None or not all(hasattr(layer, PLACES[w]) for layer in layers for w in config.where):
-            raise ExportError(f"method adapter needs decoder layers with {', '.join(PLACES[w] for w in config.where)} "
-                              f"blocks (model.layers[i]); {type(model).__name__} has none.")
+        """Wrap the adapted blocks of every layer (decoder: ``model.layers[i].self_attn`` / ``.mlp``;
+        BERT encoder: ``bert.encoder.layer[i].attention.output.dense`` / ``.output.dense``); freeze the rest."""
+        blocks = _blocks(model, config)
         hidden = int(model.config.hidden_size)
         if config.hidden_size and config.hidden_size != hidden:
             raise ExportError(f"adapter config is for width {config.hidden_size}, the model's is {hidden}.")
@@ -85,18 +89,40 @@ class _Adapter:
             p.requires_grad_(False)
         generator = torch.Generator().manual_seed(config.seed)
         declared: list[Trainable] = []
-        for i, layer in enumerate(layers):
-            for where in ("attn", "mlp"):  # fixed order: attention block first, as the forward runs
-                if where not in config.where:
-                    continue
-                attr = PLACES[where]
-                setattr(layer, attr, BottleneckAdapter.from_base(getattr(layer, attr), hidden, config, generator))
-                path = f"model.layers.{i}.{attr}"
-                declared.extend(Trainable(path, role, SPEC.peft_key(path, role)) for role in TENSOR_ROLES)
+        for path, parent, attr in blocks:
+            setattr(parent, attr, BottleneckAdapter.from_base(getattr(parent, attr), hidden, config, generator))
+            declared.extend(Trainable(path, role, SPEC.peft_key(path, role)) for role in TENSOR_ROLES)
         return declared
 
     def peft_config(self, config: AdapterConfig, base_model: str) -> dict:
         return SPEC.peft_config(config, base_model)
+
+
+def _blocks(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module, str]]:
+    """(module path, parent module, attribute) of every block to adapt, attention block first in each
+    layer (the order the forward runs them); refuses a model with neither layout."""
+    decoder = getattr(getattr(model, "model", None), "layers", None)
+    encoder = getattr(getattr(getattr(model, "bert", None), "encoder", None), "layer", None)
+    found = []
+    if decoder is not None and all(hasattr(layer, PLACES[w]) for layer in decoder for w in config.where):
+        for i, layer in enumerate(decoder):
+            found += [(f"model.layers.{i}.{PLACES[w]}", layer, PLACES[w]) for w in ("attn", "mlp") if w in config.where]
+        return found
+    if encoder is not None:
+        for i, layer in enumerate(encoder):
+            for w in ("attn", "mlp"):
+                if w not in config.where:
+                    continue
+                owner, _, attr = ENCODER_PLACES[w].rpartition(".")  # attention.output + dense
+                parent = layer.get_submodule(owner)
+                if not isinstance(getattr(parent, attr, None), nn.Linear):
+                    raise ExportError(f"method adapter needs a Linear at layer {i}'s {ENCODER_PLACES[w]}; "
+                                      f"{type(model).__name__} has none.")
+                found.append((f"bert.encoder.layer.{i}.{ENCODER_PLACES[w]}", parent, attr))
+        return found
+    raise ExportError(f"method adapter needs decoder layers with {', '.join(PLACES[w] for w in config.where)} "
+                      f"blocks (model.layers[i]) or a BERT encoder (bert.encoder.layer[i]); "
+                      f"{type(model).__name__} has neither.")
 
 
 ADAPTER = register(_Adapter())
