@@ -138,3 +138,43 @@ def test_cli_export_train_eval_predict_delta_and_peft_refusal(tiny_bert_dir, tmp
         assert r.returncode == 2 and "AdapterHub stores a classification head" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_reference_placement_and_keys_are_adapterhubs(export_tiny_bert, tiny_bert_dir, tmp_path):
+    """The plain reference equals AdapterHub ``adapters``' own BERT with the bundle's config, loaded by
+    the bundle's keys: the placement and the key spelling are AdapterHub's."""
+    adapters = pytest.importorskip("adapters")
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from edgetune.runtime.classification import TASK
+    from tests.classification_reference import reference_logits
+
+    opened = Bundle.open(_export(export_tiny_bert, "both-swish-dim8", quantize="none"))
+    manifest = opened.manifest
+    rng = np.random.default_rng(2)
+    tensors = {t.peft_key: rng.normal(0, 0.2, t.shape).astype(np.float32) for t in manifest.trainable}
+    reference, _ = reference_adapter_classifier(tiny_bert_dir, manifest, tensors)
+    hub = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=3, attn_implementation="eager",
+                                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    adapters.init(hub)
+    config = manifest.method["peft_config"]
+    hub.add_adapter(config["name"], config=adapters.AdapterConfig.load(config["config"]), set_active=True)
+    state = hub.state_dict()
+    hub_keys = {k for k in state if ".adapters." in k}
+    ours = {k for k in tensors if ".adapters." in k}
+    assert hub_keys == ours
+    with torch.no_grad():
+        for k in ours:
+            state[k].copy_(torch.tensor(tensors[k]))
+        hub.classifier.weight.copy_(torch.tensor(tensors["base_model.model.classifier.weight"]))
+        hub.classifier.bias.copy_(torch.tensor(tensors["base_model.model.classifier.bias"]))
+    examples, _ = TASK.load(opened, write_rows(tmp_path / "d.jsonl"), 64, False)
+    batch = TASK.batch(examples, manifest.tokenizer.pad_token_id)
+    hub.eval()
+    with torch.no_grad():  # mean pooled through the encoder, as the bundle (not the [CLS] pooler)
+        ids, mask = torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"])
+        h = hub.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        theirs = hub.classifier((h * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy()
+    np.testing.assert_allclose(reference_logits(reference, batch), theirs, rtol=1e-5, atol=1e-5)
