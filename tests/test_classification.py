@@ -118,7 +118,7 @@ def test_scores_against_a_hand_count():
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--method", "adapter", "--num-labels", "3"], "--method adapter is not available for --task sequence-classification"),
+    (["--method", "prefix", "--num-labels", "3"], "--method prefix is not available for --task sequence-classification"),
     (["--num-labels", "1"], "--num-labels must be at least 2"),
     (["--labels", "a,a"], "--labels must be distinct"),
     (["--num-labels", "2", "--labels", "a,b,c"], "--num-labels 2 but --labels names 3"),

@@ -104,8 +104,8 @@ class ExportOptions:
         import dataclasses
 
         if self.method not in CLASSIFICATION_METHODS:
-            raise ExportError(f"--method {self.method} is not available for --task {CLASSIFICATION} (its layers sit "
-                              f"in decoder blocks); use --method {' or '.join(CLASSIFICATION_METHODS)}.")
+            raise ExportError(f"--method {self.method} is not available for --task {CLASSIFICATION} (edgetune "
+                              f"builds it for decoder blocks only); use --method {' or '.join(CLASSIFICATION_METHODS)}.")
         labels = tuple(self.labels) if self.labels is not None else None
         problems = []
         if labels is not None:
