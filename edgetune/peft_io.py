@@ -33,13 +33,6 @@ def _spec(manifest: Manifest):
     return get_method(manifest.method["name"])
 
 
-def _refuse(spec, manifest: Manifest) -> None:
-    """A bundle whose method has no ecosystem folder for its task: say why, before touching any file."""
-    refusal = spec.folder_refusal(manifest)
-    if refusal:
-        raise DeltaError(f"no {spec.ecosystem} folder for this {manifest.task} bundle (method {spec.name}): {refusal}.")
-
-
 def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray], force: bool = False) -> None:
     """Write ``tensors`` (PEFT key -> array) as a PEFT folder, atomically.
 
@@ -50,7 +43,6 @@ def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.n
     from safetensors.numpy import save_file
 
     spec = _spec(manifest)
-    _refuse(spec, manifest)
     folder = Path(folder)
     try:
         recover_dir(folder)  # a folder set aside by a write killed mid-swap is put back first
@@ -67,11 +59,12 @@ def write_peft_adapter(folder: Path, manifest: Manifest, tensors: dict[str, np.n
     except OSError as exc:
         raise DeltaError(f"cannot write {folder}: {exc.strerror or exc}; nothing was written. Choose a writable folder.") from None
     try:
-        config = dict(manifest.method["peft_config"])
-        (tmp / spec.folder_config_file).write_text(json.dumps(config, indent=2) + "\n")
-        tensors = spec.folder_tensors(manifest, tensors)
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp / spec.folder_weights),
-                  metadata={"format": "pt", "edgetune_base_sha256": manifest.base_sha256})
+        configs = {spec.folder_config_file: dict(manifest.method["peft_config"]), **spec.folder_extra_configs(manifest)}
+        for name, config in configs.items():
+            (tmp / name).write_text(json.dumps(config, indent=2) + "\n")
+        for name, part in spec.folder_weight_files(manifest, spec.folder_tensors(manifest, tensors)).items():
+            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in part.items()}, str(tmp / name),
+                      metadata={"format": "pt", "edgetune_base_sha256": manifest.base_sha256})
         replace_dir(tmp, folder)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -94,12 +87,13 @@ def read_peft_adapter(folder: Path, manifest: Manifest, fixed: dict[str, np.ndar
     from safetensors.numpy import load_file
 
     spec = _spec(manifest)
-    _refuse(spec, manifest)
     folder = Path(folder)
-    config_path, weights_path = folder / spec.folder_config_file, folder / spec.folder_weights
-    if not config_path.is_file() or not weights_path.is_file():
+    config_path = folder / spec.folder_config_file
+    weights_paths = [folder / name for name in spec.folder_weight_names(manifest)]
+    if not config_path.is_file() or not all(p.is_file() for p in weights_paths):
         raise DeltaError(f"{str(folder)!r} is not a {spec.ecosystem} adapter folder for a {spec.name} bundle: it needs "
-                         f"{config_path.name} and {weights_path.name} (save it with safetensors from {spec.ecosystem}).")
+                         f"{' and '.join(p.name for p in [config_path, *weights_paths])} (save it with safetensors "
+                         f"from {spec.ecosystem}{spec.folder_save_hint(manifest)}).")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
@@ -107,10 +101,12 @@ def read_peft_adapter(folder: Path, manifest: Manifest, fixed: dict[str, np.ndar
     if not isinstance(config, dict):
         raise DeltaError(f"{config_path}: expected a JSON object, got {type(config).__name__}.")
     problems = spec.folder_config_problems(config, manifest)
-    try:
-        raw = load_file(str(weights_path))
-    except (SafetensorError, OSError) as exc:
-        raise DeltaError(f"{weights_path}: cannot read ({exc}).") from None
+    raw = {}
+    for weights_path in weights_paths:
+        try:
+            raw.update(load_file(str(weights_path)))
+        except (SafetensorError, OSError) as exc:
+            raise DeltaError(f"{weights_path}: cannot read ({exc}).") from None
     tensors = {spec.folder_key(k): v for k, v in raw.items()}
     for key, value in (fixed or {}).items():
         theirs = tensors.pop(key, None)

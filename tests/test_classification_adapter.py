@@ -1,7 +1,7 @@
 """sequence-classification with bottleneck adapters (``--method adapter``) on a BERT encoder: one AdamW
 step equals a plain-PyTorch reference (BertModel + bottleneck adapters where AdapterHub's BERT puts
-them, mean pooling, head) on both backends; step 0 is the base; the device cycle through the CLI;
-to-peft/from-peft refuse by name."""
+them, mean pooling, head) on both backends; step 0 is the base; the device cycle through the CLI,
+to-peft loaded by AdapterHub (adapters and head) and from-peft back."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_exported_adapters_start_as_the_base_encoder(export_tiny_bert, tiny_bert
     np.testing.assert_allclose(all_logits(opened, initial, examples, 2), want, rtol=1e-4, atol=1e-5)
 
 
-def test_cli_export_train_eval_predict_delta_and_peft_refusal(tiny_bert_dir, tmp_path):
+def test_cli_export_train_eval_predict_delta_adapterhub_round_trip(tiny_bert_dir, tmp_path):
     from safetensors.numpy import load_file
 
     from edgetune.delta import read_delta
@@ -131,13 +131,54 @@ def test_cli_export_train_eval_predict_delta_and_peft_refusal(tiny_bert_dir, tmp
     assert "base_model.model.classifier.weight" in delta.tensors
     assert "bert.encoder.layer.1.attention.output.adapters.edgetune.adapter_up.weight" in delta.tensors
 
-    (tmp_path / "hub").mkdir()
-    for command in (("to-peft", tmp_path / "d.etd", "--bundle", bundle, "--out", tmp_path / "out"),
-                    ("from-peft", tmp_path / "hub", "--bundle", bundle)):
-        r = _cli(*command)
-        assert r.returncode == 2 and "AdapterHub stores a classification head" in r.stderr, r.stderr
-        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
+    r = _cli("to-peft", tmp_path / "d.etd", "--bundle", bundle, "--out", tmp_path / "hub")
+    assert r.returncode == 0 and "load_adapter" in r.stdout, r.stderr
+    saved = load_file(str(tmp_path / "hub" / "model_head.safetensors"))
+    np.testing.assert_array_equal(saved["classifier.weight"], trained["model.classifier.weight"])
+    head_config = json.loads((tmp_path / "hub" / "head_config.json").read_text())
+    assert head_config["label2id"] == {"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2}
+    # AdapterHub loads adapters and head; mean pooled, it gives the bundle's probabilities (int8 base: close)
+    texts = ["play some music", "hello there"]
+    ours = _predict_probabilities(bundle, texts)
+    np.testing.assert_allclose(_adapterhub_probabilities(tiny_bert_dir, tmp_path / "hub", texts), ours, atol=2e-2)
+
+    fresh = tmp_path / "fresh"
+    shutil.copytree(bundle, fresh, ignore=shutil.ignore_patterns("train-state"))
+    r = _cli("from-peft", tmp_path / "hub", "--bundle", fresh)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(_predict_probabilities(fresh, texts), ours, atol=1e-6)
+    (tmp_path / "hub" / "model_head.safetensors").unlink()
+    r = _cli("from-peft", tmp_path / "hub", "--bundle", fresh, "--force")
+    assert r.returncode == 2 and "model_head.safetensors" in r.stderr and "with_head=True" in r.stderr, r.stderr
+
+
+def _predict_probabilities(bundle: Path, texts: list[str]) -> np.ndarray:
+    r = _cli("predict", bundle, *[a for t in texts for a in ("--text", t)], "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    return np.array([[row["probabilities"][f"LABEL_{i}"] for i in range(3)] for row in rows])
+
+
+def _adapterhub_probabilities(model_dir: Path, folder: Path, texts: list[str]) -> np.ndarray:
+    """What an AdapterHub user gets: BertForSequenceClassification, adapters.init, load_adapter (with the
+    head), scored through its encoder, mean pooling and its classifier (not the [CLS] pooler)."""
+    adapters = pytest.importorskip("adapters")
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=3, attn_implementation="eager")
+    adapters.init(model)
+    name = model.load_adapter(str(folder), use_safetensors=True, set_active=True)
+    assert name == "edgetune" and model.active_adapters is not None
+    ups = [p for n, p in model.named_parameters() if ".adapters.edgetune.adapter_up" in n]
+    assert len(ups) == 8 and all(p.abs().sum() > 0 for p in ups)  # the trained adapters, not a fresh one
+    model.eval()
+    enc = AutoTokenizer.from_pretrained(model_dir)(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        h = model.bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        logits = model.classifier((h * m).sum(1) / m.sum(1).clamp(min=1e-9))
+    return torch.softmax(logits, -1).numpy()
 
 
 def test_reference_placement_and_keys_are_adapterhubs(export_tiny_bert, tiny_bert_dir, tmp_path):

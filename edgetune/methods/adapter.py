@@ -20,8 +20,10 @@ puts it: on the output of the attention output projection (``attention.output.de
 output projection (``output.dense``), before their residual LayerNorm: ``LN(h + up(act(down(h))) + x)``.
 Its keys are AdapterHub's for ``BertForSequenceClassification``
 (``bert.encoder.layer.{i}.{attention.output,output}.adapters.edgetune.adapter_{down.0,up}.{weight,bias}``),
-but ``to-peft``/``from-peft`` refuse such a bundle: AdapterHub keeps a classification head in its own
-head format (``save_head``), which edgetune does not write; the delta carries adapters and head.
+and ``to-peft`` writes what ``model.save_adapter(folder, name, with_head=True, use_safetensors=True)``
+writes for a ``BertForSequenceClassification`` (a static head): the adapter files plus
+``head_config.json`` and ``model_head.safetensors`` (``classifier.{weight,bias}``), which
+``model.load_adapter(folder, use_safetensors=True, set_active=True)`` loads with the head.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ _HUB_ROLE = {"adapter_down": "adapter_down.0.weight", "adapter_down_bias": "adap
              "adapter_up": "adapter_up.weight", "adapter_up_bias": "adapter_up.bias"}
 _HUB_PLACE = {"self_attn": "attention_adapters", "mlp": "output_adapters"}
 _HUB_KEY = re.compile(r"^(?P<layers>.+)\.(?P<place>attention_adapters|output_adapters)\.adapters\.[^.]+\.(?P<role>.+)$")
+_HUB_BERT_KEY = re.compile(r"^(?P<block>bert\.encoder\.layer\.\d+\.(?:attention\.output|output))\.adapters\.[^.]+\.(?P<role>.+)$")
+CLASSIFICATION = "sequence-classification"
+# AdapterHub's static-head files (save_adapter(..., with_head=True) on BertForSequenceClassification)
+HEAD_CONFIG, HEAD_WEIGHTS = "head_config.json", "model_head.safetensors"
+_HEAD_PEFT_PREFIX = "base_model.model."  # the manifest's head keys: base_model.model.classifier.weight
 
 
 def _is_int(v) -> bool:
@@ -130,23 +137,48 @@ class AdapterSpec(MethodSpec):
             return f"{layers}.adapters.{ADAPTERHUB_NAME}.{_HUB_ROLE[role]}"
         return f"{layers}.{_HUB_PLACE[block]}.adapters.{ADAPTERHUB_NAME}.{_HUB_ROLE[role]}"
 
-    def folder_refusal(self, manifest) -> str | None:
-        if manifest.task == "sequence-classification":
-            return ("AdapterHub stores a classification head in its own head format, which edgetune does not write "
-                    "or read; bottleneck adapters of a sequence-classification bundle travel as an edgetune delta "
-                    "(`edgetune delta`, adapters and head), or export the bundle with --method lora for a PEFT folder")
-        return None
-
     def task_peft_config(self, peft_config: dict, task: str, head: str) -> dict:
-        """A classifier's adapters: AdapterHub's config names BERT (no PEFT task keys: to-peft refuses it)."""
+        """A classifier's adapters: AdapterHub's config names BertForSequenceClassification (no PEFT task keys)."""
         if task == "sequence-classification":
             return {**peft_config, "model_class": "BertForSequenceClassification", "model_type": "bert"}
         return peft_config
 
     def folder_key(self, key: str) -> str:
-        """An AdapterHub key saved under any adapter name -> the name edgetune's keys use."""
+        """An AdapterHub key saved under any adapter name -> the name edgetune's keys use; a static
+        head's ``classifier.weight`` -> the manifest's ``base_model.model.classifier.weight``."""
         m = _HUB_KEY.match(key)
-        return f"{m['layers']}.{m['place']}.adapters.{ADAPTERHUB_NAME}.{m['role']}" if m else key
+        if m:
+            return f"{m['layers']}.{m['place']}.adapters.{ADAPTERHUB_NAME}.{m['role']}"
+        m = _HUB_BERT_KEY.match(key)
+        if m:
+            return f"{m['block']}.adapters.{ADAPTERHUB_NAME}.{m['role']}"
+        return _HEAD_PEFT_PREFIX + key if key.startswith("classifier.") else key
+
+    # A classifier's folder: the adapters in adapter.safetensors, the head as AdapterHub saves a static head.
+    def folder_weight_files(self, manifest, tensors: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+        if manifest.task != CLASSIFICATION:
+            return {self.folder_weights: tensors}
+        head = {k[len(_HEAD_PEFT_PREFIX):]: v for k, v in tensors.items() if k.startswith(_HEAD_PEFT_PREFIX)}
+        return {self.folder_weights: {k: v for k, v in tensors.items() if not k.startswith(_HEAD_PEFT_PREFIX)},
+                HEAD_WEIGHTS: head}
+
+    def folder_weight_names(self, manifest) -> list[str]:
+        return [self.folder_weights, HEAD_WEIGHTS] if manifest.task == CLASSIFICATION else [self.folder_weights]
+
+    def folder_extra_configs(self, manifest) -> dict[str, dict]:
+        """``head_config.json`` as AdapterHub writes it for a static head (labels in index order)."""
+        if manifest.task != CLASSIFICATION:
+            return {}
+        labels = list(manifest.task_config["labels"])
+        peft = manifest.method["peft_config"]
+        return {HEAD_CONFIG: {"config": None, "hidden_size": peft["hidden_size"],
+                              "label2id": {name: i for i, name in enumerate(labels)},
+                              "model_class": peft["model_class"], "model_name": peft["model_name"],
+                              "model_type": peft["model_type"], "name": None, "num_labels": len(labels),
+                              "version": peft["version"]}}
+
+    def folder_save_hint(self, manifest) -> str:
+        return ": model.save_adapter(folder, name, with_head=True, use_safetensors=True)" if manifest.task == CLASSIFICATION else ""
 
     def peft_config(self, config: AdapterConfig, base_model: str) -> dict:
         """AdapterHub's ``adapter_config.json`` as ``save_adapter`` writes it (Llama, the exported width)."""

@@ -201,10 +201,6 @@ class MethodSpec:
         return peft_config
 
     # --- the ecosystem folder (`to-peft` / `from-peft`, edgetune.peft_io) ----------------------------
-    def folder_refusal(self, manifest: "Manifest") -> str | None:
-        """Why this bundle has no ecosystem folder (``to-peft``/``from-peft`` refuse it), or None."""
-        return None
-
     def folder_key(self, key: str) -> str:
         """A key as found in a saved folder -> the manifest's ``peft_key`` (e.g. without an adapter name)."""
         return key
@@ -216,6 +212,22 @@ class MethodSpec:
     def folder_tensors(self, manifest: "Manifest", tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Trainable tensors by peft key -> the tensors the folder holds (by default the same)."""
         return tensors
+
+    def folder_weight_files(self, manifest: "Manifest", tensors: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+        """The folder's safetensors files: file name -> the tensors (by folder key) it holds."""
+        return {self.folder_weights: tensors}
+
+    def folder_weight_names(self, manifest: "Manifest") -> list[str]:
+        """The safetensors files a saved folder must hold (``from-peft`` reads them all)."""
+        return [self.folder_weights]
+
+    def folder_extra_configs(self, manifest: "Manifest") -> dict[str, dict]:
+        """JSON files written beside the main config (file name -> content)."""
+        return {}
+
+    def folder_save_hint(self, manifest: "Manifest") -> str:
+        """How the ecosystem saves every file the folder needs (ends the missing-file message)."""
+        return ""
 
     def folder_shapes(self, manifest: "Manifest") -> dict[str, tuple]:
         """Key -> shape of what a saved folder must hold."""
