@@ -99,8 +99,10 @@ def reference_adapter_classifier(model_dir: Path, manifest, tensors: dict[str, n
     return model, params
 
 
-def reference_adapter_step(model, params: dict, batch: dict[str, np.ndarray], lr: float, optimizer: dict):
-    """One AdamW step on ``batch``: (loss, {peft key: updated tensor})."""
+def reference_adapter_step(model, params: dict, batch: dict[str, np.ndarray], lr: float, optimizer: dict,
+                           gradients: dict | None = None):
+    """One AdamW step on ``batch``: (loss, {peft key: updated tensor}); ``gradients`` (a dict) receives
+    the step's gradients by peft key."""
     import torch
 
     opt = torch.optim.AdamW(list(params.values()), lr=lr, betas=tuple(optimizer["betas"]), eps=optimizer["eps"],
@@ -109,5 +111,7 @@ def reference_adapter_step(model, params: dict, batch: dict[str, np.ndarray], lr
     logits = model(torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"]))
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(batch["labels"]))
     loss.backward()
+    if gradients is not None:
+        gradients.update({k: p.grad.detach().numpy().copy() for k, p in params.items()})
     opt.step()
     return float(loss.detach()), {k: p.detach().numpy().copy() for k, p in params.items()}
