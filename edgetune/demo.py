@@ -43,6 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--compute", choices=("fp32", "int8"), default="fp32",
+                        help="export --compute: int8 runs the frozen projections as int8 GEMMs (README, Performance)")
     args = parser.parse_args()
     import json
 
@@ -52,7 +54,7 @@ def main() -> None:
     bundle = args.out / "bundle"
     args.out.mkdir(parents=True, exist_ok=True)
 
-    run("export", "--out", str(bundle), "--force")
+    run("export", "--out", str(bundle), "--force", *(["--compute", args.compute] if args.compute != "fp32" else []))
     before = heldout_answers(bundle, records, use_adapter=False)
     run("eval", str(bundle), "--data", str(held_path))
     run("train", str(bundle), "--data", str(train_path), "--steps", str(args.steps), "--batch-size", "8",

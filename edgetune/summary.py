@@ -31,6 +31,7 @@ def bundle_summary(bundle: Bundle) -> str:
         f"trainable   {trainable:,} parameters in {len(m.trainable)} tensors ({100 * trainable / max(base, 1):.2f}% of the base)",
         f"frozen      {frozen:,} parameters; {quantized} of {len(m.frozen)} tensors {m.quantization if quantized else 'fp32'}",
         f"memory plan {memory_plan_text(m.producer)}",
+        f"compute     {compute_text(m.producer)}",
         f"backends    {backends_text(m.portable)}",
         f"optimizer   AdamW betas={tuple(m.optimizer['betas'])} eps={m.optimizer['eps']:g} weight_decay={m.optimizer['weight_decay']:g}",
         f"inputs      " + ", ".join(f"{i.name} {i.dtype}[{','.join(map(str, i.dims))}]" for i in m.inputs) + f" -> {', '.join(m.outputs)}",
@@ -54,6 +55,15 @@ def memory_plan_text(producer: dict) -> str:
     loss = f"loss in {plan['loss_chunks']} chunks" if plan["loss_chunks"] > 1 else "loss in one piece"
     return (f"--recompute {plan['recompute']} ({plan['recomputed_segments']} blocks recomputed), {loss}, "
             f"{plan['private_dequantize']} per-use dequantizations")
+
+
+def compute_text(producer: dict) -> str:
+    """How the frozen projections multiply (manifest ``producer.compute``; absent before it was recorded: fp32)."""
+    plan = producer.get("compute") or {"matmul": "fp32"}
+    if plan["matmul"] == "fp32":
+        return "fp32 (exact)"
+    return (f"int8 GEMMs on the int8 weights ({plan['forward']} forward, {plan['input_gradient']} input-gradient; "
+            f"activations quantized {plan['activations']}); LoRA, loss and optimizer fp32")
 
 
 def backends_text(portable: dict | None) -> str:

@@ -78,6 +78,10 @@ def _methods_help() -> str:
 @click.option("--no-memory-rewrites", is_flag=True,
               help="Keep the training graph exactly as ONNX Runtime's gradient builder writes it "
                    "(ignores --recompute and --loss-chunks; for comparisons).")
+@click.option("--compute", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Arithmetic of the frozen projections: fp32 (exact) or int8 (GEMMs on the int8 weights, "
+                   "activations and gradients quantized per tensor at run time; needs --quantize int8; "
+                   "changes numbers: README, Performance).")
 @click.option("--task", type=click.Choice(["causal-lm", "dpo", "sequence-classification"]), default="causal-lm",
               show_default=True,
               help="What the bundle trains: causal-lm (instructions, chats, text), dpo (preference pairs; "
@@ -97,7 +101,7 @@ def _methods_help() -> str:
 @click.option("--ort-format", is_flag=True, help="Also write the training artifacts in ORT format (for minimal "
                                                  "mobile onnxruntime builds); the manifest records them.")
 @click.pass_context
-def export(ctx, model, out, method, quantize, block_size, weight_decay, recompute, loss_chunks, no_memory_rewrites, task, beta,
+def export(ctx, model, out, method, quantize, block_size, weight_decay, recompute, loss_chunks, no_memory_rewrites, compute, task, beta,
            num_labels, label_names, force, device, plan_batch_size, plan_seq_len, ort_format, **method_options):
     """Export MODEL (a Hugging Face folder, a .gguf file, or a built-in name; default smollm2-135m)
     with a trainable adapter into an ONNX Runtime training bundle."""
@@ -126,6 +130,7 @@ def export(ctx, model, out, method, quantize, block_size, weight_decay, recomput
         recompute=recompute, loss_chunks=loss_chunks, memory_rewrites=not no_memory_rewrites, task=task, beta=beta,
         num_labels=num_labels,
         labels=None if label_names is None else tuple(x.strip() for x in label_names.split(",")),
+        compute=compute,
     )
     manifest = export_bundle(opts, report=lambda msg: click.echo(f"• {msg}", err=True))
     click.echo(f"wrote {out} in {manifest.producer['export_seconds']} s", err=True)

@@ -24,6 +24,7 @@ from edgetune.export.artifacts import AdamWSettings
 from edgetune.methods import LoraConfig, MethodConfig
 
 QUANTIZATIONS = ("int8", "int4", "none")
+COMPUTES = ("fp32", "int8")  # --compute: arithmetic of the frozen projections (export/compute_int8.py)
 CLASSIFICATION = "sequence-classification"
 TASKS = ("causal-lm", "dpo", CLASSIFICATION)
 LEGACY_INPUTS = [  # the causal-LM graph before packing (ExportOptions.packing=False), and DPO's batch
@@ -62,6 +63,7 @@ class ExportOptions:
     packing: bool = True  # False: the older graph (0/1 mask, no position_ids input) that cannot take packed rows
     num_labels: int | None = None  # sequence-classification: how many classes (default: len(labels))
     labels: tuple[str, ...] | None = None  # sequence-classification: class names (default LABEL_0, LABEL_1, ...)
+    compute: str = "fp32"  # int8: frozen projections as int8 GEMMs on the int8 weights (changes numbers; opt-in)
 
     def __post_init__(self) -> None:
         from edgetune.export.memory import RECOMPUTE_POLICIES
@@ -84,6 +86,17 @@ class ExportOptions:
         refusal = get_method(self.method).quantized_base
         if self.quantize != "none" and refusal:  # e.g. full fine-tuning trains every weight in fp32
             raise ExportError(f"{refusal} (got --quantize {self.quantize}).")
+        if self.compute not in COMPUTES:
+            raise ExportError(f"unsupported --compute {self.compute!r}; choose one of: {', '.join(COMPUTES)}.")
+        if self.compute == "int8" and self.quantize != "int8":
+            raise ExportError(f"--compute int8 multiplies int8 weights and needs --quantize int8, got --quantize "
+                              f"{self.quantize}; use --quantize int8 or --compute fp32.")
+        if self.compute == "int8" and self.task != "causal-lm":
+            raise ExportError(f"--compute int8 is available for --task causal-lm only, got --task {self.task}; "
+                              "use --compute fp32.")
+        if self.compute == "int8" and not self.memory_rewrites:
+            raise ExportError("--compute int8 rewrites the memory plan's per-use dequantizations and cannot be "
+                              "combined with --no-memory-rewrites; drop one of the two.")
         if self.task not in TASKS:
             raise ExportError(f"unsupported task {self.task!r}; choose one of: {', '.join(TASKS)}.")
         if self.beta is not None and self.task != "dpo":
@@ -247,6 +260,12 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     if opts.memory_rewrites:
         report(f"planning memory (recompute: {opts.recompute}, loss chunks: {loss_chunks or 'off'})")
         memory = optimize_artifacts(tmp, OUTPUT_NAMES[0], opts.recompute).to_dict(opts.recompute)
+    compute = {"matmul": "fp32"}
+    if opts.compute == "int8":
+        from edgetune.export.compute_int8 import rewrite_artifacts
+
+        report("frozen projections as int8 GEMMs on the int8 weights (activations and gradients quantized per tensor)")
+        compute = rewrite_artifacts(tmp).to_dict()
     from edgetune.export.portable import export_portable  # after the memory plan: same graph, stock operators
 
     inputs = (DPO_INPUTS if opts.task == "dpo" else CLASSIFICATION_INPUTS if opts.task == CLASSIFICATION
@@ -266,7 +285,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     tokenizer_info = save_tokenizer(tokenizer, model, tmp)
     return _manifest(opts, method, model, graph, params, trainables, trainable_names, fixed, fixed_keys, quantized,
                      quantized4, int4, inputs, generation, tokenizer_info, source, base_sha, base_parameters, memory,
-                     portable, task_config, tmp)
+                     portable, task_config, tmp, compute)
 
 
 def classification_head(model) -> list:
@@ -300,7 +319,7 @@ def _generation_graph(opts, method, model, trainables, fixed, tmp: Path, report)
 
 def _manifest(opts, method, model, graph, params, trainables, trainable_names, fixed, fixed_keys, quantized,
               quantized4, int4, inputs, generation, tokenizer_info, source, base_sha, base_parameters, memory,
-              portable, task_config, tmp: Path) -> Manifest:
+              portable, task_config, tmp: Path, compute: dict) -> Manifest:
     import onnx
 
     from edgetune.export.quantize_int4 import INT4_OPSET
@@ -348,7 +367,8 @@ def _manifest(opts, method, model, graph, params, trainables, trainable_names, f
         outputs=list(OUTPUT_NAMES),
         tokenizer=tokenizer_info,
         generation=generation,
-        producer={"edgetune": __version__, "opset": INT4_OPSET if int4 else OPSET, "memory": memory},
+        producer={"edgetune": __version__, "opset": INT4_OPSET if int4 else OPSET, "memory": memory,
+                  "compute": compute},
         portable=portable,
         task_config=task_config,
     )

@@ -42,7 +42,10 @@ STANDARD_OPS = frozenset((
     'Unsqueeze', 'Upsample', 'Where', 'Xor'
 ))
 
-CONTRIB_OPS = frozenset(("FusedMatMul", "QuickGelu"))  # domain com.microsoft
+CONTRIB_OPS = frozenset((  # domain com.microsoft
+    "FusedMatMul", "QuickGelu",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat",  # export --compute int8 (stock CPU builds since 1.6/1.7)
+))
 
 
 def is_stock(domain: str, op_type: str) -> bool:

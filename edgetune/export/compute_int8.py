@@ -1,0 +1,184 @@
+"""``edgetune export --compute int8``: the frozen projections multiply in int8, on the int8 weights.
+
+Runs after the memory plan (``memory.private_dequantize``), which leaves every use of an int8
+frozen weight W (out, in; int8 q with one fp32 scale s per output row, ``quantization.py``) as
+its own ``DequantizeLinear`` feeding one of:
+
+  forward         FusedMatMul(A, DQ(W), transB=1)   A (.., in)  -> (.., out) = A @ W^T
+  input gradient  MatMul(dY, DQ(W))                 dY (.., out) -> (.., in) = dY @ W
+                  (the LM head's: Gemm, its weight read through an alias Reshape, memory_loss.py)
+
+Each becomes an int8 product that never materialises W in fp32:
+
+  forward         DynamicQuantizeMatMul(A, Transpose(q), s)      B = W^T (in, out) is int8 with
+                  one scale per output column, as the operator takes it; the Transpose is an
+                  int8 copy of one weight (a quarter of the fp32 copy it replaces), made right
+                  before its use and freed after it.
+  input gradient  DynamicQuantizeMatMul(dY * s, q, 1)            W's scale lies on the reduction
+                  axis (out), so it multiplies dY's columns first; q (out, in) is then B as stored.
+
+The embedding lookup already reads int8 rows (``quantize.py``: Gather, Cast, Mul by the rows'
+scales), exactly; with tied embeddings the LM head is one more frozen projection, rewritten above.
+
+``DynamicQuantizeMatMul`` (com.microsoft; in the training build and in every stock onnxruntime
+CPU build) quantizes A per tensor to uint8 with a zero point and accumulates in int32; the
+``granularity="row"`` variant quantizes A per row instead (symmetric int8 with one scale per row,
+standard ``MatMulInteger``-style arithmetic through ``MatMulIntegerToFloat``) for comparison:
+tests/test_compute_int8.py and the README give both errors. The LoRA path, the loss, the
+optimizer and every other operator stay fp32: only products with a frozen int8 weight change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgetune.export.memory_graph import GraphIndex
+from edgetune.onnx_graph import attr
+
+MS_DOMAIN = "com.microsoft"
+GRANULARITIES = ("tensor", "row")
+
+
+@dataclass
+class ComputeReport:
+    """What the rewrite changed (the manifest's ``producer.compute``)."""
+
+    granularity: str = "tensor"
+    forward: int = 0  # int8 forward products
+    input_gradient: int = 0  # int8 input-gradient products
+    left: list[str] = field(default_factory=list)  # weight uses that still dequantize, with the reader
+
+    def to_dict(self) -> dict:
+        return {"matmul": "int8", "activations": f"per-{self.granularity}", "forward": self.forward,
+                "input_gradient": self.input_gradient, "left": self.left}
+
+
+def rewrite_artifacts(folder: Path | str, granularity: str = "tensor") -> ComputeReport:
+    """Rewrite ``training_model.onnx`` and ``eval_model.onnx`` in ``folder`` in place."""
+    folder = Path(folder)
+    report = ComputeReport(granularity)
+    for name, loss in (("training_model.onnx", "loss"), ("eval_model.onnx", None)):
+        model = onnx.load(str(folder / name))
+        counts = int8_matmuls(model, loss, granularity)
+        if loss is not None:  # the training graph's counts (the eval graph's are its forward ones)
+            report.forward, report.input_gradient, report.left = counts.forward, counts.input_gradient, counts.left
+        onnx.save(model, str(folder / name))
+    return report
+
+
+def int8_matmuls(model: onnx.ModelProto, loss: str | None, granularity: str = "tensor") -> ComputeReport:
+    """The rewrite on one model (see the module docstring)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    report = ComputeReport(granularity)
+    graph = model.graph
+    g = GraphIndex(graph, loss)
+    int8_values = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.INT8}
+    int8_values |= {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    identity_shapes = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT64
+                       and list(onnx.numpy_helper.to_array(t).ravel()) == [0, -1]}
+    drop: set[int] = set()
+    aliases: set[int] = set()
+    for d in range(len(g.nodes)):  # not the nodes this loop appends
+        dq = g.nodes[d]
+        if not _weight_dq(g, dq, int8_values):
+            continue
+        q, scale = dq.input[0], dq.input[1]
+        # the int8 scheme is symmetric (quantization.py): every stored zero point is 0, and one scalar
+        # zero fits both layouts (a per-row (out,) zero point would not fit the input gradient's B)
+        zero = g.const(np.array(0, np.int8), "compute_int8.zero_point")
+        kept = False
+        for c, slot, alias in _weight_readers(g, dq, identity_shapes):
+            node = g.nodes[c]
+            if _forward(node, slot):
+                qt = g.add("Transpose", [g.after(q, node.input[0], f"{dq.name}/int8")], f"{dq.name}/int8/Transpose",
+                           perm=[1, 0])  # gated: the int8 copy is made right before its use
+                _product(g, node, node.input[0], qt, scale, zero, granularity)
+                report.forward += 1
+            elif _input_gradient(node, slot):
+                scaled = g.add("Mul", [node.input[0], scale], f"{dq.name}/int8/ScaleColumns")  # dY (.., out) * s (out,)
+                _product(g, node, scaled, q, g.const(np.array(1.0, np.float32), "compute_int8.one"), zero, granularity)
+                report.input_gradient += 1
+            else:
+                kept = True
+                report.left.append(f"{node.op_type} {node.name}")
+                continue
+            if alias is not None:
+                aliases.add(alias)
+        if not kept:
+            drop.add(d)
+            drop.update(aliases)
+        aliases.clear()
+    g.commit(drop)
+    return report
+
+
+def _weight_readers(g: GraphIndex, dq: onnx.NodeProto, identity_shapes: set[str]):
+    """(node, input slot, alias node or None) for every reader of the weight ``dq`` dequantizes.
+
+    The loss chunks read the LM head through ``Reshape(DQ(W), [0, -1])`` (memory_loss.py: one
+    shared copy behind an alias); its readers count as readers of W.
+    """
+    for c, slot in list(g.consumers[dq.output[0]]):
+        node = g.nodes[c]
+        if node.op_type == "Reshape" and slot == 0 and node.input[1] in identity_shapes:
+            yield from ((r, j, c) for r, j in list(g.consumers[node.output[0]]))
+        else:
+            yield c, slot, None
+
+
+def _weight_dq(g: GraphIndex, node: onnx.NodeProto, int8_values: set[str]) -> bool:
+    """A per-row DequantizeLinear of a stored int8 weight (its scale may be gated by the memory
+    plan's ``after``, so only the weight itself must be a graph value)."""
+    return (node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[0] in int8_values
+            and g.is_graph_value(node.input[0]) and int(attr(node, "axis", 1)) == 0
+            and attr(node, "block_size", 0) in (0, None))
+
+
+def _plain(node: onnx.NodeProto) -> bool:
+    return (not attr(node, "transA", 0) and not attr(node, "transBatchA", 0) and not attr(node, "transBatchB", 0)
+            and float(attr(node, "alpha", 1.0)) == 1.0)
+
+
+def _forward(node: onnx.NodeProto, slot: int) -> bool:
+    """A @ W^T: ``FusedMatMul(A, W, transB=1)`` with nothing else set."""
+    return node.op_type == "FusedMatMul" and slot == 1 and int(attr(node, "transB", 0)) == 1 and _plain(node)
+
+
+def _input_gradient(node: onnx.NodeProto, slot: int) -> bool:
+    """dY @ W: a plain ``MatMul(dY, W)``, or a FusedMatMul / two-input Gemm with nothing set."""
+    if slot != 1:
+        return False
+    if node.op_type == "Gemm":
+        return (len([i for i in node.input if i]) == 2 and not attr(node, "transA", 0) and not attr(node, "transB", 0)
+                and float(attr(node, "alpha", 1.0)) == 1.0)
+    return node.op_type == "MatMul" or (node.op_type == "FusedMatMul" and not attr(node, "transB", 0) and _plain(node))
+
+
+def _product(g: GraphIndex, node: onnx.NodeProto, a: str, b: str, b_scale: str, b_zero: str, granularity: str) -> None:
+    """Turn ``node`` into A (.., K) fp32 @ B (K, N) int8 * b_scale (N,) or (), A quantized dynamically."""
+    del node.attribute[:]
+    node.domain = MS_DOMAIN
+    if granularity == "tensor":  # uint8 A with a zero point, one scale for the tensor
+        node.op_type = "DynamicQuantizeMatMul"
+        node.input[:] = [a, b, b_scale, b_zero]
+        return
+    # per row: a_scale (.., 1) = max|A_row| / 127 (1 for an all-zero row), A_q = round(A / a_scale) int8
+    tag = node.name or "int8"
+    amax = g.add("ReduceMax", [g.add("Abs", [a], f"{tag}/Abs")], f"{tag}/RowMax", axes=[-1], keepdims=1)
+    zero_row = g.add("Equal", [amax, g.const(np.array(0.0, np.float32), "compute_int8.zero")], f"{tag}/ZeroRow")
+    a_scale = g.add("Where", [zero_row, g.const(np.array(1.0, np.float32), "compute_int8.one"),
+                              g.add("Div", [amax, g.const(np.array(127.0, np.float32), "compute_int8.qmax")], f"{tag}/Div")],
+                    f"{tag}/RowScale")
+    a_q = g.add("Cast", [g.add("Round", [g.add("Div", [a, a_scale], f"{tag}/Scale")], f"{tag}/Round")], f"{tag}/ToInt8",
+                to=onnx.TensorProto.INT8)
+    product = g.add("MatMulIntegerToFloat", [a_q, b, g.const(np.array(1.0, np.float32), "compute_int8.one"), b_scale],
+                    f"{tag}/MatMulIntegerToFloat", domain=MS_DOMAIN)
+    node.op_type, node.domain = "Mul", ""
+    node.input[:] = [product, a_scale]
