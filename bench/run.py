@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # `bench` and the repo's `edgetune`
 
-from bench import machine, sizes, table  # noqa: E402
+from bench import compute_int8, machine, sizes, table  # noqa: E402
 from bench.data import label_positions, make_batch  # noqa: E402
 from bench.flops import FORMULA, decoder_linear_weights, useful_flops  # noqa: E402
 from bench.spawn import ChildFailed, run_child, worker  # noqa: E402
@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "sequence length of --grid-batches x --grid-seqs (writes bench/results/grid.json)")
     p.add_argument("--grid-batches", default="1,4,8", help="batch sizes of the --grid")
     p.add_argument("--grid-seqs", default="128,256,512", help="sequence lengths of the --grid")
+    compute_int8.add_arguments(p)
     p.add_argument("--json-out", type=Path, default=HERE / "results" / "latest.json", help="where to write the JSON")
     args = p.parse_args(argv)
     problems = [f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}."
@@ -80,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.json_out = HERE / "results" / "grid.json"
     if not args.skip_data and not args.grid and not args.data.is_file():
         problems.append(f"--data {args.data} is not a file; give a JSONL file of instruction records, or --skip-data.")
+    problems += compute_int8.problems(args)
     if problems:
         p.error(" ".join(problems))
     return args
@@ -89,13 +91,13 @@ def say(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-def export(args, tmp: Path) -> tuple[Path, dict]:
+def export(args, tmp: Path, extra: tuple = ()) -> tuple[Path, dict]:
     if args.bundle is not None:
         return args.bundle, {"seconds": None, "peak_rss_bytes": None, "command": None}
     out = tmp / "bundle"
     argv = [sys.executable, "-m", "edgetune.cli", "export", *([args.model] if args.model else []), "--out", str(out),
             "--quantize", args.quantize, "--rank", str(LORA["rank"]), "--alpha", str(LORA["alpha"]),
-            "--targets", LORA["targets"], "--recompute", args.recompute, "--force"]
+            "--targets", LORA["targets"], "--recompute", args.recompute, "--force", *extra]
     say(f"exporting {args.model or 'the default model'} (--quantize {args.quantize} --recompute {args.recompute}); "
         "about a minute")
     run = run_child(argv, parse_result=False)
@@ -197,10 +199,14 @@ def measure(args, tmp: Path) -> dict:
         if not args.skip_torch:
             say("real data: PyTorch+PEFT padded to the longest example of each step")
             real["pytorch_peft"] = worker("torch", {**steps, "model": model, "lora": lora, "adamw": adamw})
+    real_args = None if args.skip_data else steps
+    int8_export = compute_int8.measure(args, tmp, export, worker, say, common, real_args, runs, real)
     say("GEMM rates again (the faster of the two runs is the yardstick)")
     gemms.append(worker("gemm", gemm_args))
     for kind in INT8_GEMMS:
         int8[kind].append(worker("gemm", {**gemm_args, "kind": kind}))
+    if int8_export is not None:
+        export_info = {**export_info, "compute_int8": int8_export}
     return {"manifest": manifest, "export": export_info, "gemms": gemms, "int8_gemms": int8, "runs": runs, "real": real,
             "bundle": sizes.bundle_bytes(bundle), "delta": sizes.delta_bytes(manifest)}
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from edgetune.summary import memory_plan_text
 
-NAMES = {"edgetune": "edgetune", "edgetune_portable": "portable", "pytorch_peft": "PyTorch+PEFT"}
+NAMES = {"edgetune": "edgetune", "edgetune_portable": "portable", "edgetune_int8": "int8 compute",
+         "pytorch_peft": "PyTorch+PEFT"}
 # ratio columns: (header, numerator trainer, denominator trainer), shown when both ran
-RATIOS = [("edgetune/PyTorch", "edgetune", "pytorch_peft"), ("portable/ort-tr.", "edgetune_portable", "edgetune")]
+RATIOS = [("edgetune/PyTorch", "edgetune", "pytorch_peft"), ("portable/ort-tr.", "edgetune_portable", "edgetune"),
+          ("int8/fp32 compute", "edgetune_int8", "edgetune")]
 GB, MB = 1e9, 1e6
 
 
@@ -68,7 +70,7 @@ def render(r: dict) -> str:
         row = f"{label:<{width}}" + "".join(f"{cell:>15}" for cell in cells)
         for _, a, b in ratio_cols:
             # step time only makes sense as portable vs ort-training (the PyTorch column shows tokens/s)
-            shown = ratio is True or (ratio == "portable" and a == "edgetune_portable")
+            shown = ratio is True or (ratio == "portable" and a in ("edgetune_portable", "edgetune_int8"))
             row += f"{_ratio(trainers[a].get(key), trainers[b].get(key)) if shown else '':>18}"
         lines.append(row)
     f = r["flops"]
@@ -122,11 +124,12 @@ def real_data_lines(r: dict) -> list[str]:
         return []
     trainers = d["trainers"]
     names = list(trainers)
+    both = "edgetune" in trainers and "pytorch_peft" in trainers  # the ratio column (an int8 column may sit between)
     width = 30
     out = ["", f"real data: {d['data']}, {d['examples_per_step']} examples a step (the same for both), "
                f"{d['steps']} timed steps after {d['warmup']} warm-up; edgetune packs rows of {d['max_seq_len']} tokens, "
                "PyTorch+PEFT pads each step to its longest example",
-           f"{'':<{width}}" + "".join(f"{NAMES[n]:>15}" for n in names) + (f"{'edgetune/PyTorch':>18}" if len(names) == 2 else "")]
+           f"{'':<{width}}" + "".join(f"{NAMES[n]:>15}" for n in names) + (f"{'edgetune/PyTorch':>18}" if both else "")]
     rows = [("useful tokens/s", "useful_tokens_per_s", lambda x: f"{x:.0f}", True),
             ("step time, median s", "step_s", lambda x: f"{x:.3f}", False),
             ("real tokens / row tokens", "efficiency", lambda x: f"{100 * x:.1f}%", False),
@@ -135,8 +138,8 @@ def real_data_lines(r: dict) -> list[str]:
             ("  cores others took meanwhile", "other_cores", lambda x: "—" if x is None else f"{x:.2f}", False)]
     for label, key, fmt, ratio in rows:
         row = f"{label:<{width}}" + "".join(f"{fmt(trainers[n][key]):>15}" for n in names)
-        if ratio and len(names) == 2:
-            row += f"{_ratio(trainers[names[0]][key], trainers[names[1]][key]):>18}"
+        if ratio and both:
+            row += f"{_ratio(trainers['edgetune'][key], trainers['pytorch_peft'][key]):>18}"
         out.append(row)
     shapes = {n: sorted({tuple(s) for s in trainers[n]["shapes"]}) for n in names}
     out.append("batch shapes (rows x tokens): " + "; ".join(
