@@ -13,7 +13,8 @@ Each becomes an int8 product that never materialises W in fp32:
   forward         DynamicQuantizeMatMul(A, Transpose(q), s)      B = W^T (in, out) is int8 with
                   one scale per output column, as the operator takes it; the Transpose is an
                   int8 copy of one weight (a quarter of the fp32 copy it replaces), made right
-                  before its use and freed after it.
+                  before its use and freed after it (the LM head's chunks share one, as they
+                  shared one fp32 copy before).
   input gradient  DynamicQuantizeMatMul(dY * s, q, 1)            W's scale lies on the reduction
                   axis (out), so it multiplies dY's columns first; q (out, in) is then B as stored.
 
@@ -93,12 +94,16 @@ def int8_matmuls(model: onnx.ModelProto, loss: str | None, granularity: str = "t
         # the int8 scheme is symmetric (quantization.py): every stored zero point is 0, and one scalar
         # zero fits both layouts (a per-row (out,) zero point would not fit the input gradient's B)
         zero = g.const(np.array(0, np.int8), "compute_int8.zero_point")
-        kept = False
+        kept, qt = False, None
         for c, slot, alias in _weight_readers(g, dq, identity_shapes):
             node = g.nodes[c]
             if _forward(node, slot):
-                qt = g.add("Transpose", [g.after(q, node.input[0], f"{dq.name}/int8")], f"{dq.name}/int8/Transpose",
-                           perm=[1, 0])  # gated: the int8 copy is made right before its use
+                if qt is None:  # one per DQ: the LM head's loss chunks share theirs, as they shared the DQ
+                    # made only once the DQ's scale exists, which the memory plan already gates on the
+                    # (first) use's input: the int8 copy exists right before its use, not from the start
+                    ready = scale if not g.is_graph_value(scale) else node.input[0]
+                    qt = g.add("Transpose", [g.after(q, ready, f"{dq.name}/int8")], f"{dq.name}/int8/Transpose",
+                               perm=[1, 0])
                 _product(g, node, node.input[0], qt, scale, zero, granularity)
                 report.forward += 1
             elif _input_gradient(node, slot):
