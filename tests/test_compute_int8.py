@@ -3,8 +3,10 @@
 The int8-compute bundle is compared with the exact bundle (same options, ``--compute fp32``) on the
 same batch and adapter values, with both training backends. The tolerances are measured, not
 derived: on the tiny model (hidden 64, 2 layers, random weights) per-tensor quantization of the
-activations and gradients moved the loss by ~1e-4 relative and each gradient tensor by ~1-3%
-relative (Frobenius norm; measured at seeds 0-2); the bounds below leave ~3x room.
+activations and gradients moved the loss by 1.8e-4 to 7.6e-4 relative and the worst gradient
+tensor by 6.8-8.1 % relative (Frobenius norm; batches of seeds 0-2; both backends gave the same
+numbers); the bounds below leave ~2.5x room. (On the real model the errors are smaller: README,
+Performance.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tests.test_export import _batch
 from tests.test_memory import _start
 
 LOSS_RTOL = 2e-3  # |loss_int8 - loss| / |loss|
-GRAD_RTOL = 0.1  # ||g_int8 - g|| / ||g|| per trainable tensor
+GRAD_RTOL = 0.2  # ||g_int8 - g|| / ||g|| per trainable tensor
 WEIGHT_DQ = "DequantizeLinear"
 
 
