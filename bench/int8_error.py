@@ -47,7 +47,9 @@ def main(argv=None) -> None:
     p.add_argument("--data", type=Path, default=HERE.parent / "edgetune" / "data" / "records-train.jsonl")
     p.add_argument("--examples", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=256)
-    p.add_argument("--variant", choices=("exact", "tensor", "row"), default=None,
+    p.add_argument("--variants", default="row,tensor,row-nohead,row-forward",
+                   help="comma-separated: tensor|row, then -nohead (LM head exact) and/or -forward (input gradients exact)")
+    p.add_argument("--variant", default=None,
                    help="run one variant in this process (the others run in their own processes: peak RSS per variant)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -76,7 +78,8 @@ def main(argv=None) -> None:
                     shutil.copy(path, folder / path.name)
                 elif path.name == "checkpoint":
                     shutil.copytree(path, folder / path.name)
-            rewrite_artifacts(folder, args.variant)
+            granularity, *flags = args.variant.split("-")
+            rewrite_artifacts(folder, granularity, head="nohead" not in flags, input_gradient="forward" not in flags)
         loss, grads = one_step(folder, batch, start)
     import resource
 
@@ -89,19 +92,20 @@ def run_all(args, argv) -> None:
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="edgetune-int8-") as tmp:
-        for variant in ("exact", "tensor", "row"):
+        for variant in ("exact", *args.variants.split(",")):
             out = Path(tmp) / f"{variant}.npz"
             subprocess.run([sys.executable, __file__, *argv, "--variant", variant, "--out", str(out)], check=True)
+            print(f"{variant} done", file=sys.stderr, flush=True)
             results[variant] = dict(np.load(out))
     exact = results["exact"]
     names = [k for k in exact if k not in ("loss", "peak", "tokens", "shape")]
     print(f"one step on {int(exact['tokens'])} real tokens, batch {tuple(exact['shape'])}, {args.bundle}")
-    print(f"{'variant':<10}{'loss':>10}{'loss rel err':>14}{'grad rel err':>14}{'worst tensor':>14}{'peak RSS':>12}")
+    print(f"{'variant':<16}{'loss':>10}{'loss rel err':>14}{'grad rel err':>14}{'worst tensor':>14}{'peak RSS':>12}")
     for variant, r in results.items():
         diff = np.sqrt(sum(float(np.sum((r[n] - exact[n]) ** 2)) for n in names))
         norm = np.sqrt(sum(float(np.sum(exact[n] ** 2)) for n in names))
         worst = max(float(np.linalg.norm(r[n] - exact[n]) / np.linalg.norm(exact[n])) for n in names)
-        print(f"{variant:<10}{float(r['loss']):>10.5f}{abs(float(r['loss'] - exact['loss'])) / float(exact['loss']):>14.2e}"
+        print(f"{variant:<16}{float(r['loss']):>10.5f}{abs(float(r['loss'] - exact['loss'])) / float(exact['loss']):>14.2e}"
               f"{diff / norm:>14.2e}{worst:>14.2e}{float(r['peak']) / 1e9:>10.2f} GB")
 
 

@@ -80,7 +80,7 @@ def _methods_help() -> str:
                    "(ignores --recompute and --loss-chunks; for comparisons).")
 @click.option("--compute", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="Arithmetic of the frozen projections: fp32 (exact) or int8 (GEMMs on the int8 weights, "
-                   "activations and gradients quantized per tensor at run time; needs --quantize int8; "
+                   "activations and gradients quantized per row at run time; needs --quantize int8; "
                    "changes numbers: README, Performance).")
 @click.option("--task", type=click.Choice(["causal-lm", "dpo", "sequence-classification"]), default="causal-lm",
               show_default=True,

@@ -264,7 +264,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     if opts.compute == "int8":
         from edgetune.export.compute_int8 import rewrite_artifacts
 
-        report("frozen projections as int8 GEMMs on the int8 weights (activations and gradients quantized per tensor)")
+        report("frozen projections as int8 GEMMs on the int8 weights (activations and gradients quantized per row)")
         compute = rewrite_artifacts(tmp).to_dict()
     from edgetune.export.portable import export_portable  # after the memory plan: same graph, stock operators
 
