@@ -119,3 +119,12 @@ def test_int8_compute_refusals_name_the_fix(tmp_path, options, words):
     options = {"compute": "int8", **options}
     with pytest.raises(ExportError, match=words):
         ExportOptions(source=None, out=tmp_path / "b", **options)
+
+
+def test_cli_refuses_int8_compute_on_an_int4_base_in_one_line(tiny_model_dir, tmp_path):
+    from tests.test_export import _cli
+
+    r = _cli("export", str(tiny_model_dir), "--quantize", "int4", "--compute", "int8", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --compute int8 multiplies int8 weights")
+    assert not (tmp_path / "o").exists()
