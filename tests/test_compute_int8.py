@@ -113,6 +113,7 @@ def test_inspect_shows_the_compute(export_tiny):
     ({"quantize": "int4"}, "needs --quantize int8"),
     ({"quantize": "none"}, "needs --quantize int8"),
     ({"memory_rewrites": False}, "--no-memory-rewrites"),
+    ({"task": "dpo"}, "--task causal-lm only"),
     ({"compute": "int4"}, "unsupported --compute"),
 ])
 def test_int8_compute_refusals_name_the_fix(tmp_path, options, words):
