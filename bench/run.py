@@ -67,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid-batches", default="1,4,8", help="batch sizes of the --grid")
     p.add_argument("--grid-seqs", default="128,256,512", help="sequence lengths of the --grid")
     compute_int8.add_arguments(p)
+    p.add_argument("--sizes", default=None,
+                   help="instead of the comparison: peak RSS and step time per model size, e.g. 135m,360m,1b "
+                        "(Llama-shaped, published configs, random weights; bench/growth.py), with an int8 and an int4 "
+                        "base for edgetune, at --batch-size x --seq-len (writes bench/results/growth.json)")
+    p.add_argument("--size-quantize", default="int8,int4", help="edgetune bases exported per --sizes model")
+    p.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "edgetune-growth-models",
+                   help="where --sizes builds (and reuses) the random-weight model folders")
     p.add_argument("--json-out", type=Path, default=HERE / "results" / "latest.json", help="where to write the JSON")
     args = p.parse_args(argv)
     problems = [f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}."
@@ -77,9 +84,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append(f"--prompt-fraction must leave labels in a row of {args.seq_len} tokens, got {args.prompt_fraction}.")
     if args.bundle is not None and not (args.bundle / "edgetune.json").is_file():
         problems.append(f"--bundle {args.bundle} has no edgetune.json; give a folder written by `edgetune export`.")
+    if args.sizes and (bad := [q for q in args.size_quantize.split(",") if q not in ("int8", "int4", "none")]):
+        problems.append(f"--size-quantize takes int8, int4 or none (comma-separated), got {', '.join(bad)}.")
     if args.grid and args.json_out == HERE / "results" / "latest.json":
         args.json_out = HERE / "results" / "grid.json"
-    if not args.skip_data and not args.grid and not args.data.is_file():
+    if args.sizes and args.json_out == HERE / "results" / "latest.json":
+        args.json_out = HERE / "results" / "growth.json"
+    if not args.skip_data and not args.grid and not args.sizes and not args.data.is_file():
         problems.append(f"--data {args.data} is not a file; give a JSONL file of instruction records, or --skip-data.")
     problems += compute_int8.problems(args)
     if problems:
@@ -285,6 +296,8 @@ def main(argv=None) -> None:
         try:
             if args.grid:
                 return grid_main(args, argv, info, Path(tmp), started)
+            if args.sizes:
+                return growth_main(args, argv, info, Path(tmp), started)
             measured = measure(args, Path(tmp))
         except (ChildFailed, EdgetuneError) as exc:
             sys.exit(f"bench: {exc}")
@@ -326,6 +339,27 @@ def grid_main(args, argv, info: dict, tmp: Path, started: float) -> None:
             if (t.get("other_cores") or 0) > OTHERS_LIMIT]
     if busy:
         print(f"WARNING: other processes used the CPU during {len(busy)} of the timed runs; timings are not comparable.")
+    print(f"\nwrote {args.json_out} ({result['bench_wall_s']:.0f} s)")
+
+
+def growth_main(args, argv, info: dict, tmp: Path, started: float) -> None:
+    from bench.growth import render_growth, run_growth
+
+    rows = run_growth(args, tmp, LORA, say)
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.executable).name, "bench/run.py", *argv]),
+              "config": {"batch": args.batch_size, "seq": args.seq_len, "threads": args.threads, "steps": args.steps,
+                         "warmup": args.warmup, "lora": LORA, "int4_block_size": 64, "pytorch_dtype": "float32"},
+              "sizes": rows, "machine": info, "versions": machine.versions(), "bench_wall_s": time.perf_counter() - started}
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"LoRA r={LORA['rank']} on {LORA['targets']}, batch {args.batch_size} x {args.seq_len}, {args.threads} threads; "
+          f"{info['cpu']}; peak RSS = whole process (OS); ratio = edgetune / PyTorch+PEFT (fp32)")
+    print(render_growth(rows, args.size_quantize.split(",")))
+    busy = [r["model"] for r in rows for t in [*r["edgetune"].values(), r.get("pytorch_peft") or {}]
+            if (t.get("other_cores") or 0) > OTHERS_LIMIT]
+    if busy:
+        print(f"WARNING: other processes used the CPU during {len(busy)} timed runs; step times are not comparable.")
     print(f"\nwrote {args.json_out} ({result['bench_wall_s']:.0f} s)")
 
 
