@@ -191,6 +191,7 @@ def export_bundle(opts: ExportOptions, report: Callable[[str], None] = lambda ms
 def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, base_parameters: int, tmp: Path,
            report) -> Manifest:
     import onnx
+    from onnx import numpy_helper
 
     from edgetune.export import artifacts
     from edgetune.export.graph_cleanup import expose_layer_norm_statistics, remove_zero_dropout
@@ -201,39 +202,44 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     from edgetune.export.tokenizer_info import save_tokenizer
     from edgetune.export.training_graph import OUTPUT_NAMES, export_training_graph, graph_name
 
-    full = tmp / "full_model.onnx"
     int4 = opts.quantize == "int4"
-    if opts.task == CLASSIFICATION:
-        from edgetune.export.classification_graph import export_classification_graph
+    # Its own folder: over 2 GB of weights the TorchScript exporter writes one external-data file
+    # per tensor beside the graph, which must not end up in the bundle.
+    with tempfile.TemporaryDirectory(prefix=".training.", dir=tmp) as raw:
+        full = Path(raw) / "full_model.onnx"
+        if opts.task == CLASSIFICATION:
+            from edgetune.export.classification_graph import export_classification_graph
 
-        report(f"exporting the training graph (mean pooling, linear head of {opts.num_labels} labels, cross-entropy)")
-        input_names = export_classification_graph(model, full)
-    elif opts.task == "dpo":
-        from edgetune.export.dpo_graph import export_dpo_graph
+            report(f"exporting the training graph (mean pooling, linear head of {opts.num_labels} labels, cross-entropy)")
+            input_names = export_classification_graph(model, full)
+        elif opts.task == "dpo":
+            from edgetune.export.dpo_graph import export_dpo_graph
 
-        report(f"exporting the training graph (DPO loss, beta {opts.beta})")
-        export_dpo_graph(model, full, opts.beta)
-        input_names = [i.name for i in DPO_INPUTS]
-    else:
-        report("exporting the training graph (causal-LM loss)")
-        from edgetune.methods import get_method as method_spec
+            report(f"exporting the training graph (DPO loss, beta {opts.beta})")
+            export_dpo_graph(model, full, opts.beta)
+            input_names = [i.name for i in DPO_INPUTS]
+        else:
+            report("exporting the training graph (causal-LM loss)")
+            from edgetune.methods import get_method as method_spec
 
-        packing = opts.packing and method_spec(opts.method).packs
-        input_names = export_training_graph(model, full, opset=EXPORT_OPSET if int4 else OPSET, packing=packing)
-    graph = onnx.load(str(full))
-    full.unlink()
+            packing = opts.packing and method_spec(opts.method).packs
+            input_names = export_training_graph(model, full, opset=EXPORT_OPSET if int4 else OPSET, packing=packing)
+        graph = onnx.load(str(full))  # external data too, if torch wrote any
     if int4:
         restamp(graph)
     remove_zero_dropout(graph)
     expose_layer_norm_statistics(graph)  # encoders (BERT) use LayerNormalization; its gradient needs them
     trainable_names = [graph_name(t.torch_name) for t in trainables]
     fixed_keys = {graph_name(t.torch_name): t.peft_key for t in fixed}  # frozen adapter tensors: exact fp32
-    params = {t.name: t for t in graph.graph.initializer}
+    # Shapes only: a reference to an initializer the quantizer removes would keep its fp32 values
+    # alive to the end of the export (the whole base, 4.9 GB for a 1B model).
+    params = {t.name: list(t.dims) for t in graph.graph.initializer}
     missing = [n for n in trainable_names if n not in params]
     if missing:  # a declared tensor the exporter did not keep by name: a bug, not a user error
         raise RuntimeError(f"trainable tensors missing from the exported graph: {missing[:3]}")
     quantized, quantized4, int4_tensors = set(), set(), []
-    names = [n for n, t in params.items() if n not in trainable_names and n not in fixed_keys
+    fixed_values = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer if t.name in fixed_keys}
+    names = [t.name for t in graph.graph.initializer if t.name not in trainable_names and t.name not in fixed_keys
              and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
     if int4:
         report(f"quantizing frozen linear weights to int4 (blocks of {opts.block_size}); the embedding to int8")
@@ -285,7 +291,7 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     tokenizer_info = save_tokenizer(tokenizer, model, tmp)
     return _manifest(opts, method, model, graph, params, trainables, trainable_names, fixed, fixed_keys, quantized,
                      quantized4, int4, inputs, generation, tokenizer_info, source, base_sha, base_parameters, memory,
-                     portable, task_config, tmp, compute)
+                     portable, task_config, tmp, compute, fixed_values)
 
 
 def classification_head(model) -> list:
@@ -319,7 +325,7 @@ def _generation_graph(opts, method, model, trainables, fixed, tmp: Path, report)
 
 def _manifest(opts, method, model, graph, params, trainables, trainable_names, fixed, fixed_keys, quantized,
               quantized4, int4, inputs, generation, tokenizer_info, source, base_sha, base_parameters, memory,
-              portable, task_config, tmp: Path, compute: dict) -> Manifest:
+              portable, task_config, tmp: Path, compute: dict, fixed_values: dict) -> Manifest:
     import onnx
 
     from edgetune.export.quantize_int4 import INT4_OPSET
@@ -336,16 +342,14 @@ def _manifest(opts, method, model, graph, params, trainables, trainable_names, f
     dtype = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in graph.graph.initializer}
     # The frozen list names the ORIGINAL fp32 tensors (as the model knows them) and how each is stored.
     scheme = {**{n: INT8_SCHEME for n in quantized}, **{n: INT4_SCHEME.format(block_size=opts.block_size) for n in quantized4}}
-    frozen = [TensorInfo(n, list(params[n].dims), "float32", quantization=scheme.get(n, "none"))
+    frozen = [TensorInfo(n, params[n], "float32", quantization=scheme.get(n, "none"))
               for n in params if n not in trainable_names]
     if fixed:  # a frozen tensor with a PEFT key is a fixed adapter tensor; its exact values go beside it
-        from onnx import numpy_helper
-
         from edgetune.fixed_adapter import write_fixed
 
         for t in frozen:
             t.peft_key = fixed_keys.get(t.graph_name)
-        write_fixed(tmp, {n: numpy_helper.to_array(params[n]) for n in fixed_keys})
+        write_fixed(tmp, fixed_values)
     config = model.config
     manifest = Manifest(
         base_model={
