@@ -82,13 +82,58 @@ def meta_parameter_count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are counted once
 
 
-def build_folder(name: str, out: Path, seed: int = 0) -> Path:
-    """Write a Hugging Face folder: config, seeded random fp32 weights, the default model's tokenizer.
-
-    Reuses ``out`` when it already holds this config (building llama-3.2-1b takes ~5 GB and a minute).
-    """
+def tensor_shapes(name: str) -> dict[str, list[int]]:
+    """What a saved checkpoint of ``name`` holds: tensor name -> shape (from the meta-device model)."""
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(name))
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if CONFIGS[name]["tie_word_embeddings"]:
+        shapes.pop("lm_head.weight")  # tied: saved once, as the embedding (as save_pretrained does)
+    return shapes
+
+
+def write_random_safetensors(path: Path, shapes: dict[str, list[int]], std: float, seed: int) -> None:
+    """Seeded random fp32 weights as one safetensors file, written a tensor at a time.
+
+    Norm weights are 1 and every matrix normal(0, std), as transformers initialises a Llama; but
+    streaming keeps the peak at one tensor (the 128,256 x 2,048 embedding: 1 GB) instead of the
+    whole 4.9 GB model that ``save_pretrained`` needs. Format: 8-byte little-endian header length,
+    the JSON header (dtype, shape, byte offsets per tensor), then the raw little-endian data.
+    """
+    import math
+    import struct
+
+    import numpy as np
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape in shapes.items():
+            if len(shape) == 1:  # RMSNorm weights
+                values = np.ones(shape, np.float32)
+            else:
+                values = rng.standard_normal(shape, dtype=np.float32)
+                values *= std
+            f.write(values.astype("<f4", copy=False).tobytes())
+            del values
+
+
+def build_folder(name: str, out: Path, seed: int = 0) -> Path:
+    """Write a Hugging Face folder: config.json, seeded random fp32 weights, the default model's tokenizer.
+
+    Reuses ``out`` when it already holds this config and seed.
+    """
+    from transformers import AutoTokenizer
 
     from edgetune.export.sources import resolve_source
 
@@ -97,10 +142,8 @@ def build_folder(name: str, out: Path, seed: int = 0) -> Path:
     if stamp.is_file() and json.loads(stamp.read_text()) == {"config": CONFIGS[name], "seed": seed}:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(name))  # transformers' own init: normal(0, initializer_range)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="64GB")  # one file
-    del model
+    llama_config(name).save_pretrained(out)
+    write_random_safetensors(out / "model.safetensors", tensor_shapes(name), CONFIGS[name]["initializer_range"], seed)
     source = resolve_source(None)  # the built-in default model: its tokenizer and chat template
     AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file).save_pretrained(out)
     stamp.write_text(json.dumps({"config": CONFIGS[name], "seed": seed}))

@@ -51,8 +51,12 @@ def test_build_folder_writes_a_loadable_model_with_the_config(tmp_path, monkeypa
              "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96, "vocab_size": 1000}
     monkeypatch.setitem(CONFIGS, "small", small)
     out = model_configs.build_folder("small", tmp_path / "m")
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # every weight in the file, nothing missing or unexpected
     assert sum(p.numel() for p in model.parameters()) == parameter_count(small)
+    std = model.model.layers[0].mlp.up_proj.weight.std().item()
+    assert std == pytest.approx(small["initializer_range"], rel=0.05)
+    assert model.model.norm.weight.eq(1).all() and model.lm_head.weight is model.model.embed_tokens.weight
     assert model.config.rope_scaling["rope_type"] == "llama3" and model.config.tie_word_embeddings
     assert len(AutoTokenizer.from_pretrained(out)) == 49152  # the default model's tokenizer
     before = (out / "model.safetensors").stat().st_mtime_ns
