@@ -62,3 +62,21 @@ def test_build_folder_writes_a_loadable_model_with_the_config(tmp_path, monkeypa
     before = (out / "model.safetensors").stat().st_mtime_ns
     assert model_configs.build_folder("small", out) == out  # same config: reused, not rebuilt
     assert (out / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_sizes_option_rejects_unknown_names():
+    from bench.growth import parse_model_sizes
+
+    assert parse_model_sizes("135m, 1b") == ["135m", "1b"]
+    with pytest.raises(SystemExit, match="--sizes"):
+        parse_model_sizes("135m,7b")
+
+
+def test_growth_table_shows_failed_and_missing_runs():
+    from bench.growth import render_growth
+
+    ok = {"peak_rss_bytes": 1e9, "step_s": 2.0}
+    rows = [{"model": "m", "parameters": 1e9, "exports": {"int8": {"peak_rss_bytes": 5e9}, "int4": {"error": "killed"}},
+             "edgetune": {"int8": ok}, "pytorch_peft": {"peak_rss_bytes": 4e9, "step_s": 3.0}}]
+    line = render_growth(rows, ["int8", "int4"]).splitlines()[1]
+    assert "1.00 GB" in line and "0.25x" in line and "4.00 GB" in line and "failed" in line
