@@ -1,7 +1,7 @@
 # make demo   : fresh machine -> .venv, everything installed, the main job on the default model
 # make demo-cls : sequence classification on all-MiniLM-L6-v2 (3 intents, held-out accuracy before -> after)
 # make test   : the same set-up, then the whole test suite (slow tests on the real model included)
-# make test-fast / make bench / make bench-generate / make bench-collector / make clean
+# make test-fast / make bench / make bench-generate / make bench-methods / make bench-collector / make clean
 # make venv312  : .venv312, Python 3.12 with only `pip install -e .` (stock onnxruntime, no torch)
 # make arm64-env: build/arm64, an arm64 Python + aarch64 onnxruntime under qemu user mode
 
@@ -19,7 +19,7 @@ PY312 = $(shell for p in "$$(pyenv prefix 3.12.1 2>/dev/null)/bin/python3.12" "$
 VENV312  := .venv312
 STAMP312 := $(VENV312)/.installed-stamp
 
-.PHONY: setup demo demo-cls test test-fast bench bench-generate bench-collector clean venv312 arm64-env node-client
+.PHONY: setup demo demo-cls test test-fast bench bench-generate bench-methods bench-collector clean venv312 arm64-env node-client
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,10 @@ bench: $(STAMP)
 # Generation only: edgetune generate (exact and --compute int8, cold and warm cache) vs transformers.
 bench-generate: $(STAMP)
 	$(BIN)/python bench/generation.py
+
+# Every adaptation method (LoRA, all-linear, adapter, prefix, full, int4): bench/methods.py.
+bench-methods: $(STAMP)
+	$(BIN)/python bench/methods.py
 
 # The collector under load: 1,000 simulated devices uploading concurrently on 127.0.0.1.
 bench-collector: $(STAMP)

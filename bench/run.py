@@ -287,6 +287,10 @@ def real_summary(args, runs: dict) -> dict:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if "--methods" in argv:  # every adaptation method instead: bench/methods.py takes the other options
+        from bench.methods import main as methods_main
+
+        return methods_main([a for a in argv if a != "--methods"])
     args = parse_args(argv)
     started = time.perf_counter()
     info = machine.machine(args.threads)  # before our own load
