@@ -223,3 +223,19 @@ def test_portable_graph_gives_the_training_backends_loss_and_gradients(export_ti
     for t, ref in ref_grads.items():
         assert np.abs(ref).max() > 0, t
         np.testing.assert_allclose(grads[t], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=t)
+
+
+def test_init_option_reaches_the_manifest(tiny_model_dir, tmp_path):
+    """--prefix-init random: PEFT's normal(0, 1) table; the default starts from real tokens' keys/values."""
+    from edgetune.runtime.adapter_source import initial_adapter
+
+    tables = {}
+    for init in ("random", None):
+        bundle = tmp_path / str(init)
+        r = _cli("export", tiny_model_dir, "--method", "prefix", "--num-virtual-tokens", "4", "--quantize", "none",
+                 *(["--prefix-init", init] if init else []), "--out", bundle)
+        assert r.returncode == 0, r.stderr
+        assert read_manifest(bundle).method["config"]["init"] == (init or "tokens")
+        (tables[init],) = initial_adapter(Bundle.open(bundle)).values()
+    assert abs(float(tables["random"].std()) - 1.0) < 0.2
+    assert not np.allclose(tables["random"], tables[None])

@@ -20,6 +20,9 @@ def _method_options(command):
         help_text = f"[{', '.join(option.methods)}] {option.help}"
         if option.kind == "flag":
             command = click.option(option.flag, option.dest, is_flag=True, default=None, help=help_text)(command)
+        elif option.kind == "choice":
+            command = click.option(option.flag, option.dest, type=click.Choice(option.choices), default=None,
+                                   help=help_text)(command)
         else:
             kind = {"int": int, "float": float, "list": str, "mapping": str}[option.kind]
             command = click.option(option.flag, option.dest, type=kind, default=None, help=help_text)(command)

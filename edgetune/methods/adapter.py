@@ -40,7 +40,9 @@ PLACES = {"attn": "self_attn", "mlp": "mlp"}  # --adapter-where name -> the deco
 # --adapter-where name -> the BERT layer's projection whose output the adapter takes (AdapterHub's
 # mh_adapter in BertSelfOutput, output_adapter in BertOutput)
 ENCODER_PLACES = {"attn": "attention.output.dense", "mlp": "output.dense"}
-ACTIVATIONS = ("swish", "relu")  # AdapterHub's names (transformers' get_activation): swish = SiLU
+# AdapterHub's names (transformers' get_activation): swish = SiLU. Each has a gradient the portable
+# graph's rules cover (SiLU -> QuickGeluGrad, ReluGrad, TanhGrad).
+ACTIVATIONS = ("swish", "relu", "tanh")
 DEFAULT_DIM = 16  # when neither --adapter-dim nor --reduction-factor is given
 ADAPTERHUB_NAME = "edgetune"  # the adapter name inside the AdapterHub keys and config
 # AdapterHub keys of the four roles, under model.layers.{i}.{attention,output}_adapters.adapters.<name>.
@@ -70,12 +72,13 @@ class AdapterConfig(MethodConfig):
         "help": "Bottleneck size as hidden size / this factor (instead of --adapter-dim).", "cli": "--reduction-factor"})
     where: tuple[str, ...] = field(default=("mlp", "attn"), metadata={
         "help": "Comma-separated blocks to adapt: mlp, attn.", "cli": "--adapter-where"})
-    non_linearity: str = field(default="swish", metadata={"help": f"Activation between the projections: {', '.join(ACTIVATIONS)}."})
+    non_linearity: str = field(default="swish", metadata={
+        "help": "Activation between the projections (AdapterHub's names; swish = SiLU).",
+        "cli": "--adapter-non-linearity", "choices": ACTIVATIONS})
     seed: int = field(default=0, metadata={"help": "Seed for the initial trainable tensors (lora: A; adapter: down-projections; prefix: the vectors).", "cli": "--seed"})
     hidden_size: int = field(default=0, metadata={"help": "The model's width; the exporter fills it in (0: not yet known)."})
 
     name = "adapter"
-    description = "bottleneck adapters after the attention and/or MLP block (Houlsby)"
 
     def __post_init__(self) -> None:
         if isinstance(self.where, (list, tuple)):
@@ -114,6 +117,7 @@ class AdapterConfig(MethodConfig):
 class AdapterSpec(MethodSpec):
     name = "adapter"
     config_class = AdapterConfig
+    description = "bottleneck adapters after the attention and/or MLP block (Houlsby)"
     layer_module = "edgetune.export.methods.adapter"
     tensor_roles = TENSOR_ROLES
     ecosystem = "AdapterHub adapters"

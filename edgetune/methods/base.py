@@ -21,14 +21,15 @@ class CliOption:
 
     Declared on the field: ``metadata={"help": ..., "cli": "--rank"}``; the kind follows the
     field's default (bool -> flag, tuple -> comma-separated list, dict -> comma-separated
-    ``key=number`` pairs, int, float).
+    ``key=number`` pairs, int, float, str -> one of ``metadata["choices"]``).
     """
 
     flag: str
     field: str
-    kind: str  # "flag" | "list" | "mapping" | "int" | "float"
+    kind: str  # "flag" | "list" | "mapping" | "int" | "float" | "choice"
     help: str
     methods: tuple[str, ...]
+    choices: tuple[str, ...] = ()  # kind "choice": the values allowed
 
     @property
     def dest(self) -> str:
@@ -79,10 +80,12 @@ class MethodConfig:
                 kind, shown = "mapping", "none"
             else:
                 kind = ("flag" if isinstance(f.default, bool) else "list" if isinstance(f.default, tuple)
+                        else "choice" if isinstance(f.default, str)
                         else "int" if isinstance(f.default, int) else "float")
                 shown = ",".join(f.default) if kind == "list" else f.default
             help_text = f.metadata["help"] + ("" if kind == "flag" else f" [default: {shown}]")
-            options.append(CliOption(f.metadata["cli"], f.name, kind, help_text, (cls.name,)))
+            choices = tuple(f.metadata["choices"]) if kind == "choice" else ()
+            options.append(CliOption(f.metadata["cli"], f.name, kind, help_text, (cls.name,), choices))
         return options
 
     @classmethod

@@ -51,14 +51,14 @@ class PrefixConfig(MethodConfig):
     seed: int = field(default=0, metadata={"help": "Seed for the initial prefix.", "cli": "--seed"})
     init: str = field(default="tokens", metadata={
         "help": "tokens: the base model's own keys/values of m random vocabulary tokens (without projection), so the "
-                "prefix starts as a short real text; random: normal(0, 1) vectors, as PEFT's embedding."})
+                "prefix starts as a short real text; random: normal(0, 1) vectors, as PEFT's embedding.",
+        "cli": "--prefix-init", "choices": ("tokens", "random")})
     num_layers: int = field(default=0, metadata={"help": "Filled in by the exporter: the model's layers."})
     kv_heads: int = field(default=0, metadata={"help": "Filled in by the exporter: key/value heads."})
     head_dim: int = field(default=0, metadata={"help": "Filled in by the exporter: head size."})
     hidden_size: int = field(default=0, metadata={"help": "Filled in by the exporter: the model's width."})
 
     name = "prefix"
-    description = "prefix tuning: trainable key/value vectors in every attention layer"
 
     def problems(self) -> list[str]:
         problems = []
@@ -99,6 +99,7 @@ class PrefixSpec(MethodSpec):
     name = "prefix"
     packs = False  # real tokens sit at positions m, m+1, … (as PEFT); a packed row's position_ids would reset them
     config_class = PrefixConfig
+    description = "prefix tuning: trainable key/value vectors in every attention layer"
     layer_module = "edgetune.export.methods.prefix"
     tensor_roles = TENSOR_ROLES
 

@@ -23,7 +23,7 @@ from edgetune.errors import ExportError
 from edgetune.export.methods import Trainable, register
 from edgetune.methods.adapter import ADAPTER as SPEC, ENCODER_PLACES, PLACES, TENSOR_ROLES, AdapterConfig
 
-_ACTIVATIONS = {"swish": nn.functional.silu, "relu": nn.functional.relu}
+_ACTIVATIONS = {"swish": nn.functional.silu, "relu": nn.functional.relu, "tanh": torch.tanh}  # methods.adapter.ACTIVATIONS
 
 
 class BottleneckAdapter(nn.Module):
