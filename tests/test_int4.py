@@ -172,3 +172,85 @@ def test_merge_into_the_int4_generation_graph(int4_bundle, tmp_path, off):
     merged = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
     ref = Generator(opened, threads=1).logits(ids, np.ones_like(ids), adapter)
     assert np.abs(merged - ref).max() <= (1e-5 if off else 0.30 * np.abs(ref).max())
+
+GRAPHS = ("training_model.onnx", "eval_model.onnx", "portable_model.onnx", "portable_eval_model.onnx")
+
+
+def test_int4_weights_are_stored_once_for_every_graph(int4_bundle):
+    """The training, eval and portable graphs read one copy of each INT4 weight, in int4_weights.bin."""
+    import onnx
+    from onnx import TensorProto
+
+    from edgetune.export.portable.writer import EXTERNAL_MIN_BYTES
+    from edgetune.export.quantize_int4 import INT4_WEIGHTS
+
+    manifest = read_manifest(int4_bundle)
+    assert INT4_WEIGHTS in manifest.files and manifest.portable["supported"]
+    places = {}  # tensor name -> {(offset, length) of each graph's reference}
+    for graph in GRAPHS:
+        model = onnx.load(str(int4_bundle / graph), load_external_data=False)
+        int4 = [t for t in model.graph.initializer if t.data_type == TensorProto.INT4]
+        assert int4, graph
+        for t in int4:
+            if t.data_location != TensorProto.EXTERNAL:  # only the smallest stay inline
+                assert len(t.raw_data) < EXTERNAL_MIN_BYTES, (graph, t.name)
+                continue
+            entries = {e.key: e.value for e in t.external_data}
+            assert entries["location"] == INT4_WEIGHTS, (graph, t.name)
+            places.setdefault(t.name, set()).add((int(entries["offset"]), int(entries["length"])))
+    assert places and all(len(p) == 1 for p in places.values())  # every graph points at the same bytes
+    stored = sum(length for (((_, length),)) in places.values())
+    assert stored <= (int4_bundle / INT4_WEIGHTS).stat().st_size <= stored + 4096 * len(places)  # + alignment
+
+
+def test_int4_weights_file_is_verified_and_contained(int4_bundle, tmp_path):
+    """A changed int4_weights.bin fails the hash check; a graph pointing its INT4 weights outside
+    the bundle is refused even when the manifest's hashes are made to match."""
+    import json
+    import shutil
+
+    import onnx
+
+    from edgetune.bundle import MANIFEST, sha256_file
+    from edgetune.errors import BundleError
+    from edgetune.export.quantize_int4 import INT4_WEIGHTS
+
+    changed = tmp_path / "changed"
+    shutil.copytree(int4_bundle, changed)
+    data = bytearray((changed / INT4_WEIGHTS).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (changed / INT4_WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="damaged"):
+        Bundle.open(changed)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(int4_bundle, moved)
+    shutil.copy(moved / INT4_WEIGHTS, tmp_path / INT4_WEIGHTS)
+    graph = moved / "training_model.onnx"
+    model = onnx.load(str(graph), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = f"../{INT4_WEIGHTS}"
+    onnx.save(model, str(graph))
+    manifest = json.loads((moved / MANIFEST).read_text())
+    manifest["files"]["training_model.onnx"] = sha256_file(graph)
+    (moved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="training_model.onnx: external data"):
+        Bundle.open(moved)
+
+
+def test_portable_graph_reads_the_shared_int4_weights(int4_bundle):
+    """The stock-onnxruntime graph, its INT4 weights in the shared file, gives the training backend's
+    loss and gradients."""
+    from tests.test_memory import _loss_and_grads, _start
+    from tests.test_portable_graph import _portable
+
+    manifest = read_manifest(int4_bundle)
+    batch, adapter = _batch(manifest), _start(int4_bundle)
+    ref_loss, ref_grads = _loss_and_grads(int4_bundle, batch, adapter)
+    loss, grads, _ = _portable(int4_bundle, manifest, batch, adapter)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for t, ref in ref_grads.items():
+        assert np.abs(ref).max() > 0, t
+        np.testing.assert_allclose(grads[t], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=t)

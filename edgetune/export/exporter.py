@@ -272,6 +272,10 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
 
         report("frozen projections as int8 GEMMs on the int8 weights (activations and gradients quantized per row)")
         compute = rewrite_artifacts(tmp).to_dict()
+    if int4:  # the training and eval graphs (and the portable ones after them) share one copy of the INT4 weights
+        from edgetune.export.quantize_int4 import share_int4_weights
+
+        share_int4_weights(tmp)
     from edgetune.export.portable import export_portable  # after the memory plan: same graph, stock operators
 
     inputs = (DPO_INPUTS if opts.task == "dpo" else CLASSIFICATION_INPUTS if opts.task == CLASSIFICATION

@@ -96,3 +96,28 @@ def quantize_graph_int4(model: onnx.ModelProto, names: list[str], block_size: in
     graph.node.extend(kept)
     sort_graph(graph, new_nodes)
     return int4
+
+
+INT4_WEIGHTS = "int4_weights.bin"  # the bundle file holding the INT4 constants of every graph that reads them
+
+
+def share_int4_weights(folder) -> None:
+    """Store the INT4 constants of the training and eval graphs in ``folder`` once, in ``INT4_WEIGHTS``.
+
+    Both graphs hold the same INT4 weights as constants (an ORT checkpoint cannot hold INT4), so
+    each file would carry its own copy; as ONNX external data (``location`` relative to the bundle
+    folder, which ONNX Runtime resolves against the graph's own folder) they share one. The
+    portable graphs, written from these, point at the same file (edgetune/export/portable/writer.py).
+    Every bundle file is hashed in the manifest and every ``location`` is checked to stay inside
+    the bundle (edgetune/bundle_paths.py), so the shared file is verified like the graphs.
+    """
+    from pathlib import Path
+
+    from edgetune.export.artifacts import EVAL_MODEL, TRAINING_MODEL
+    from edgetune.export.portable.writer import store_external
+
+    folder = Path(folder)
+    graphs = {name: onnx.load(str(folder / name)) for name in (TRAINING_MODEL, EVAL_MODEL)}
+    store_external(graphs.values(), folder / INT4_WEIGHTS, select=lambda t: t.data_type == TensorProto.INT4)
+    for name, model in graphs.items():
+        onnx.save(model, str(folder / name))

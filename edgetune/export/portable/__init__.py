@@ -34,12 +34,13 @@ def export_portable(folder: Path | str, trainable: list[str], report: Callable[[
 
     folder = Path(folder)
     frozen = read_frozen(folder / "checkpoint", trainable)
-    training = onnx.load(str(folder / "training_model.onnx"))
+    # Tensors kept as external data (an int4 bundle's INT4 weights) stay references to their file.
+    training = onnx.load(str(folder / "training_model.onnx"), load_external_data=False)
     if batch_inputs is None:  # those of BATCH_INPUTS the training graph takes
         taken = {i.name for i in training.graph.input}
         batch_inputs = tuple(n for n in BATCH_INPUTS if n in taken)
     gradients = gradient_graph(training, list(batch_inputs), trainable, frozen, loss)
-    evaluation = onnx.load(str(folder / "eval_model.onnx"))
+    evaluation = onnx.load(str(folder / "eval_model.onnx"), load_external_data=False)
     eval_graph(evaluation, list(batch_inputs), trainable, frozen)
     del frozen
     rewritten, unsupported = 0, []

@@ -20,9 +20,17 @@ class NotPortable(Exception):
     handle); the node is then reported as unsupported, with this reason."""
 
 
+# Reduce operators that took ``axes`` as an attribute before this opset and as an input from it on
+# (ReduceSum moved at 13; int4 bundles' graphs are opset 21, the others 17).
+AXES_AS_INPUT_FROM = {"ReduceMax": 18, "ReduceMean": 18, "ReduceMin": 18, "ReduceProd": 18, "ReduceSumSquare": 18,
+                      "ReduceSum": 13}
+
+
 class Emitter:
-    def __init__(self, node: onnx.NodeProto, taken: set[str], constants: Callable[[str], np.ndarray | None]):
+    def __init__(self, node: onnx.NodeProto, taken: set[str], constants: Callable[[str], np.ndarray | None],
+                 opset: int = 17):
         self.node = node
+        self.opset = opset  # the graph's default-domain opset: operators are emitted in its form
         self.constant = constants  # name -> value of a graph constant (initializer), else None
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -45,6 +53,12 @@ class Emitter:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(f"{op_type}_node"),
                                            domain=domain, **attrs))
         return outputs
+
+    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int = 1) -> str:
+        """``op_type`` (ReduceMax, ReduceMean, ...) over ``axes``, written as the graph's opset reads it."""
+        if self.opset >= AXES_AS_INPUT_FROM[op_type]:
+            return self.op(op_type, [x, self.const(axes)], keepdims=keepdims)
+        return self.op(op_type, [x], axes=axes, keepdims=keepdims)
 
     def const(self, value, dtype=np.int64, tag: str = "const") -> str:
         """A constant tensor as an initializer of the rewritten graph."""

@@ -37,6 +37,7 @@ def make_stock(model: onnx.ModelProto) -> tuple[int, list[Unsupported]]:
     def constant(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(initializers[name]) if name in initializers else None
 
+    opset = next((o.version for o in model.opset_import if _domain(o.domain) == ""), 17)
     unsupported: list[Unsupported] = []
     rewritten = 0
     nodes: list[onnx.NodeProto] = []
@@ -49,7 +50,7 @@ def make_stock(model: onnx.ModelProto) -> tuple[int, list[Unsupported]]:
             unsupported.append(Unsupported(node.op_type, node.name))
             nodes.append(node)
             continue
-        emitter = Emitter(node, taken, constant)
+        emitter = Emitter(node, taken, constant, opset)
         try:
             fn(node, emitter)
         except NotPortable as exc:

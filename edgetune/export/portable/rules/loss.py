@@ -65,7 +65,7 @@ def _log_softmax(e: Emitter, scores: str, out: str | None) -> str:
     """log_prob over axis 1 in the kernel's own steps, (x - max) - log(sum(exp(x - max))), with
     the same elementwise Exp and Log: LogSoftmax rounds differently, and through a deep network
     those last-bit differences grew to 2e-5 relative in the first layers' gradients."""
-    shifted = e.op("Sub", [scores, e.op("ReduceMax", [scores], axes=[1], keepdims=1)])
+    shifted = e.op("Sub", [scores, e.reduce("ReduceMax", scores, [1])])
     total = e.op("ReduceSum", [e.op("Exp", [shifted]), e.const([1])], keepdims=1)
     return e.op("Sub", [shifted, e.op("Log", [total])], out=out)
 

@@ -19,7 +19,7 @@ def simplified_layer_norm_grad(node, e: Emitter) -> None:
     r = e.op("Flatten", [inv_std], axis=axis)  # (M, 1)
     x_hat = e.op("Mul", [x2, r])
     dyg = e.op("Mul", [dy2, e.op("Reshape", [scale, e.const([1, -1])])])  # (M, N)
-    mean = e.op("ReduceMean", [e.op("Mul", [dyg, x_hat])], axes=[1], keepdims=1)  # (M, 1)
+    mean = e.reduce("ReduceMean", e.op("Mul", [dyg, x_hat]), [1])  # (M, 1)
     dx2 = e.op("Mul", [r, e.op("Sub", [dyg, e.op("Mul", [x_hat, mean])])])
     e.op("Reshape", [dx2, e.op("Shape", [x])], out=e.output(0))
     # dScale: computed, and dropped with the rest of the dead nodes when nothing reads it (a frozen scale)
