@@ -200,6 +200,8 @@ def render(result: dict) -> str:
             f"| {_s(t.get('edgetune_portable'))} / {_rss(t.get('edgetune_portable'))} "
             f"| {_s(ref)} / {_rss(ref)}{'' if ref is None else ' (' + ref['reference'] + ')'} "
             f"| {_x(r['edgetune_vs_pytorch_step'])}, {_x(r['edgetune_vs_pytorch_peak_rss'])} |")
+    for name, error in result.get("failed", {}).items():
+        lines.append(f"FAILED {name}: {error.splitlines()[0]}")
     if result["warnings"]:
         lines.append("WARNING: " + " ".join(result["warnings"]) + " The step times say little; sizes and RSS stand.")
     return "\n".join(lines)
@@ -218,13 +220,16 @@ def main(argv=None) -> None:
     info = machine.machine(args.threads)  # before our own load
     from edgetune.errors import EdgetuneError
 
-    rows, references = {}, {}
+    rows, references, failed = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-methods-") as tmp:
-        try:
-            for name in args.only:
+        for name in args.only:  # one method's failure is reported; the others are still measured
+            try:
                 rows[name] = measure_method(args, name, Path(tmp), references)
-        except (ChildFailed, EdgetuneError) as exc:
-            sys.exit(f"bench: {exc}")
+            except (ChildFailed, EdgetuneError) as exc:
+                say(f"{name} failed: {exc}")
+                failed[name] = str(exc)
+    if not rows:
+        sys.exit("bench: every method failed (above).")
     first = next(iter(rows.values()))
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -232,7 +237,7 @@ def main(argv=None) -> None:
         "config": {"model": args.model or "smollm2-135m", "batch_size": args.batch_size, "seq_len": args.seq_len,
                    "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
                    "learning_rate": LEARNING_RATE, "base_parameters": first["base_parameters"]},
-        "methods": rows, "machine": info, "versions": machine.versions(),
+        "methods": rows, "failed": failed, "machine": info, "versions": machine.versions(),
         "bench_wall_s": time.perf_counter() - started,
     }
     result["warnings"] = warnings(result)
@@ -240,6 +245,8 @@ def main(argv=None) -> None:
     args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     print(render(result))
     print(f"\nwrote {args.json_out} ({result['bench_wall_s']:.0f} s)")
+    if failed:
+        sys.exit(f"bench: failed: {', '.join(failed)} (see above and the JSON's `failed`).")
 
 
 if __name__ == "__main__":

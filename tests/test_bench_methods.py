@@ -51,10 +51,15 @@ def test_every_method_row_is_measured_against_its_reference(export_tiny, tiny_mo
     assert "SIMD:" in table
 
 
-def test_a_bundle_of_another_method_is_refused(export_tiny, tiny_model_dir, tmp_path):
+def test_a_bundle_of_another_method_is_refused_and_the_others_measured(export_tiny, tiny_model_dir, tmp_path):
     from bench import methods
 
     (tmp_path / "full").symlink_to(export_tiny(quantize="none"))  # a LoRA bundle where full's belongs
-    with pytest.raises(SystemExit, match="holds a lora bundle, not full"):
-        methods.main(["--bundles", str(tmp_path), "--model", str(tiny_model_dir), "--only", "full",
-                      "--skip-torch", "--json-out", str(tmp_path / "m.json")])
+    (tmp_path / "lora").symlink_to(export_tiny(quantize="none"))
+    out = tmp_path / "m.json"
+    with pytest.raises(SystemExit, match="failed: full"):
+        methods.main(["--bundles", str(tmp_path), "--model", str(tiny_model_dir), "--only", "full,lora",
+                      "--skip-torch", "--skip-portable", "--steps", "1", "--threads", "1", "--json-out", str(out)])
+    result = json.loads(out.read_text())
+    assert "holds a lora bundle, not full" in result["failed"]["full"]
+    assert list(result["methods"]) == ["lora"]  # measured all the same
