@@ -284,7 +284,7 @@ def test_the_plan_from_the_model_config_matches_the_plan_from_the_exported_manif
         PlanInputs.from_manifest(manifest)
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])  # int4: graphs with external data
 def test_ort_format_artifacts_train_like_the_onnx_ones(export_tiny, tmp_path, quantize):
     import shutil
 
