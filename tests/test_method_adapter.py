@@ -21,6 +21,7 @@ CONFIGS = {
     "both-swish-dim8": AdapterConfig(dim=8),
     "mlp-relu-rf16": AdapterConfig(reduction_factor=16, where=("mlp",), non_linearity="relu"),
     "attn-tanh-dim4": AdapterConfig(dim=4, where=("attn",), non_linearity="tanh"),
+    "mlp-gelu-dim4": AdapterConfig(dim=4, where=("mlp",), non_linearity="gelu"),
 }
 
 
@@ -115,9 +116,9 @@ def test_config_refuses_bad_values_all_at_once():
     from edgetune.errors import EdgetuneError
 
     with pytest.raises(EdgetuneError) as info:
-        AdapterConfig(dim=8, reduction_factor=4, where=("mlp", "ffn"), non_linearity="gelu")
+        AdapterConfig(dim=8, reduction_factor=4, where=("mlp", "ffn"), non_linearity="elu")
     text = str(info.value)
-    assert "not both" in text and "'ffn'" in text and "gelu" in text
+    assert "not both" in text and "'ffn'" in text and "'elu'" in text
 
 
 def test_non_linearity_option_reaches_the_manifest_and_the_adapterhub_config(tiny_model_dir, tmp_path):
@@ -128,8 +129,8 @@ def test_non_linearity_option_reaches_the_manifest_and_the_adapterhub_config(tin
     method = read_manifest(bundle).method
     assert method["config"]["non_linearity"] == "relu"
     assert method["peft_config"]["config"]["non_linearity"] == "relu"  # what to-peft writes for AdapterHub
-    r = _cli("export", tiny_model_dir, "--method", "adapter", "--adapter-non-linearity", "gelu", "--out", tmp_path / "c")
-    assert r.returncode == 2 and "gelu" in r.stderr and "tanh" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("export", tiny_model_dir, "--method", "adapter", "--adapter-non-linearity", "elu", "--out", tmp_path / "c")
+    assert r.returncode == 2 and "'elu'" in r.stderr and "tanh" in r.stderr and "Traceback" not in r.stderr
     r = _cli("export", tiny_model_dir, "--method", "lora", "--adapter-non-linearity", "relu", "--out", tmp_path / "d")
     assert r.returncode == 2 and "--adapter-non-linearity" in r.stderr and "Traceback" not in r.stderr
 

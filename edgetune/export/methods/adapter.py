@@ -23,7 +23,8 @@ from edgetune.errors import ExportError
 from edgetune.export.methods import Trainable, register
 from edgetune.methods.adapter import ADAPTER as SPEC, ENCODER_PLACES, PLACES, TENSOR_ROLES, AdapterConfig
 
-_ACTIVATIONS = {"swish": nn.functional.silu, "relu": nn.functional.relu, "tanh": torch.tanh}  # methods.adapter.ACTIVATIONS
+_ACTIVATIONS = {"swish": nn.functional.silu, "relu": nn.functional.relu, "tanh": torch.tanh,
+                "gelu": nn.functional.gelu}  # methods.adapter.ACTIVATIONS
 
 
 class BottleneckAdapter(nn.Module):
