@@ -37,6 +37,9 @@ from edgetune.methods.base import MethodConfig, MethodSpec
 
 TENSOR_ROLES = ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")  # the torch layer's parameters
 PLACES = {"attn": "self_attn", "mlp": "mlp"}  # --adapter-where name -> the decoder layer's block attribute
+# --adapter-where name -> the BERT layer's projection whose output the adapter takes (AdapterHub's
+# mh_adapter in BertSelfOutput, output_adapter in BertOutput)
+ENCODER_PLACES = {"attn": "attention.output.dense", "mlp": "output.dense"}
 # AdapterHub's names (transformers' get_activation): swish = SiLU, gelu = the exact (erf) GELU. Each
 # has a gradient the portable graph's rules cover (SiLU -> QuickGeluGrad, ReluGrad, TanhGrad, GeluGrad).
 ACTIVATIONS = ("swish", "relu", "tanh", "gelu")
