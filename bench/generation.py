@@ -6,7 +6,7 @@ Each run is its own process (bench/spawn.py), started cold; its peak RSS is the 
 that process (wait4's ru_maxrss). Both decode greedily the same prompt ids (the bundle's chat
 template around --prompt), exactly --new-tokens tokens (no stop token), with a key/value cache:
 
-* edgetune: ``Bundle.open`` (hashes every file) + ``Generator`` (session from the bundle's
+* edgetune: ``Bundle.open`` (hashes the files `edgetune generate` reads) + ``Generator`` (session from the bundle's
   ``generation-cache``) with the adapter off (the base model, as transformers runs it). Run twice
   per compute: "cold" after deleting the cache (the first start on a device builds it) and "warm".
 * transformers: ``AutoModelForCausalLM.from_pretrained`` of the bundle's base model (fp32, as
@@ -67,11 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def child_edgetune(a: dict) -> dict:
     import numpy as np
 
-    from edgetune.bundle import Bundle
+    from edgetune.bundle import GENERATE_ROLES, Bundle
     from edgetune.runtime.adapter_source import disabled, initial_adapter
     from edgetune.runtime.generate import Generator
 
-    bundle = Bundle.open(a["bundle"])
+    bundle = Bundle.open(a["bundle"], verify=GENERATE_ROLES)  # as `edgetune generate`: only the files it reads
     generator = Generator(bundle, threads=a["threads"], compute=a["compute"])
     off = disabled(bundle, initial_adapter(bundle))
     feeds = generator._adapter_feeds(off)  # checked once, as Generator.generate does

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from edgetune.errors import BundleError
 
@@ -133,6 +134,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _refuse_mismatch(folder: Path, manifest: Manifest, names) -> None:
+    """BundleError naming every file of ``names`` whose SHA-256 differs from the manifest's."""
+    bad = [name for name in names if sha256_file(folder / name) != manifest.files[name]]
+    if bad:
+        raise BundleError(
+            f"bundle {str(folder)!r}: {', '.join(bad)} do(es) not match the manifest's SHA-256; "
+            "the files are damaged or were changed after export — copy or re-export the bundle."
+        )
+
+
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     """Hash every artifact file in ``folder`` into the manifest, then write ``edgetune.json``."""
     manifest.files = {
@@ -155,8 +166,12 @@ ROLE_FILES = {
     "portable": "portable_model.onnx",  # stock-onnxruntime backend graphs (edgetune/export/portable/)
     "portable_eval": "portable_eval_model.onnx",
     "classifier": "classifier_model.onnx",  # sequence-classification: logits, adapter and head as inputs
+    "fixed_adapter": "fixed_adapter.safetensors",  # adapter tensors never trained (FFA-LoRA's A), edgetune/fixed_adapter.py
 }
 ROLES = (*ROLE_FILES, "generation", "tokenizer")
+# What `generate` (and the Answerer) reads: the KV-cache graph, the tokenizer, the exported adapter
+# (only when nothing was trained, or to switch a full fine-tune off) and any fixed adapter tensors.
+GENERATE_ROLES = ("generation", "tokenizer", "checkpoint", "fixed_adapter")
 STATE_DIR = "train-state"
 
 
@@ -164,20 +179,32 @@ class Bundle:
     """One bundle folder whose manifest and files were validated (and hashed) once.
 
     Every file an engine opens is named in ``manifest.files``, lies strictly inside ``folder``
-    (no ``..``, no absolute path, no symlink out; ONNX external data included) and, unless opened
-    with ``verify=False``, matched its SHA-256 when the bundle was opened. Anything else in the
-    folder is never read. Callers ask ``path(role)`` instead of joining file names.
+    (no ``..``, no absolute path, no symlink out; ONNX external data included) and matched its
+    SHA-256 before it was first handed out. Anything else in the folder is never read. Callers ask
+    ``path(role)`` instead of joining file names.
+
+    ``verify``: True hashes every listed file when the bundle is opened; a collection of roles
+    (``GENERATE_ROLES``) hashes only the files of those roles, each the first time ``path`` gives it
+    out (a command that reads a third of the bundle hashes a third), and ``path`` refuses every other
+    role, so a file that was not hashed is never opened; False hashes nothing (the caller just wrote
+    the bundle, or means to read it unverified).
     """
 
-    def __init__(self, folder: Path, manifest: Manifest, verified: bool):
+    def __init__(self, folder: Path, manifest: Manifest, verified: bool, roles: frozenset[str] | None = None):
         self.folder = folder
         self.manifest = manifest
-        self.verified = verified
+        self.verified = verified  # every file a path() hands out was (or is, on first use) hashed
+        self._roles = roles  # None: all roles allowed (hashed at open, or not at all)
+        self._checked: set[str] = set()
 
     @classmethod
-    def open(cls, folder: Path | str, *, verify: bool = True) -> "Bundle":
+    def open(cls, folder: Path | str, *, verify: bool | Iterable[str] = True) -> "Bundle":
         from edgetune.bundle_paths import check_external_data, check_listed_paths
 
+        roles = None if isinstance(verify, bool) else frozenset(verify)
+        unknown = sorted(roles - set(ROLES)) if roles is not None else []
+        if unknown:
+            raise ValueError(f"unknown bundle file role(s) {', '.join(unknown)}; known: {', '.join(ROLES)}")
         folder = Path(folder)
         if not folder.is_dir():
             raise BundleError(f"bundle {str(folder)!r} is not a folder; give the folder `edgetune export` wrote.")
@@ -191,16 +218,31 @@ class Bundle:
         if not isinstance(data, dict):
             raise BundleError(f"{path}: the manifest is not a JSON object; re-export the bundle.")
         manifest = Manifest.from_dict(data, where=str(path))
-        check_listed_paths(folder, manifest)
+        check_listed_paths(folder, manifest)  # names and file kinds only: nothing is read
+        if roles is not None:
+            return cls(folder, manifest, True, roles)
         if verify:
-            bad = [name for name, digest in manifest.files.items() if sha256_file(folder / name) != digest]
-            if bad:
-                raise BundleError(
-                    f"bundle {str(folder)!r}: {', '.join(bad)} do(es) not match the manifest's SHA-256; "
-                    "the files are damaged or were changed after export — copy or re-export the bundle."
-                )
+            _refuse_mismatch(folder, manifest, manifest.files)
         check_external_data(folder, manifest)
-        return cls(folder, manifest, verify)
+        return cls(folder, manifest, bool(verify))
+
+    def _check_role(self, role: str, name: str) -> None:
+        """With ``verify=roles``: refuse a role outside them; hash ``name`` (with the checkpoint's
+        sidecar and the external data of a graph) once, before anything opens it."""
+        from edgetune.bundle_paths import CHECKPOINT_EXTERNAL_SUFFIX, check_external_data
+
+        if self._roles is None or role in self._checked:
+            return
+        if role not in self._roles:
+            raise ValueError(f"{self!r} was opened to verify only {', '.join(sorted(self._roles))}; "
+                             f"its {role} file is unverified and must not be read (add the role to verify=)")
+        names = [name]
+        sidecar = name + CHECKPOINT_EXTERNAL_SUFFIX
+        if role == "checkpoint" and sidecar in self.manifest.files:
+            names.append(sidecar)  # ONNX Runtime reads it beside the checkpoint
+        _refuse_mismatch(self.folder, self.manifest, names)  # the graph is hashed before it is parsed
+        _refuse_mismatch(self.folder, self.manifest, sorted(check_external_data(self.folder, self.manifest, [name])))
+        self._checked.add(role)
 
     def file_name(self, role: str) -> str | None:
         """The bundle-relative name of ``role``'s file, or None when the bundle has no such file."""
@@ -222,6 +264,7 @@ class Bundle:
         name = self.file_name(role)
         if name is None:
             raise BundleError(f"bundle {str(self.folder)!r} has no {role} file; re-export it with this edgetune.")
+        self._check_role(role, name)
         return self.folder / name
 
     def state_folder(self, override: Path | None = None) -> Path:

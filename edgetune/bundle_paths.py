@@ -63,8 +63,11 @@ def check_listed_paths(folder: Path, manifest) -> None:
                           "listed in `files`. Use a bundle written by `edgetune export`.")
 
 
-def check_external_data(folder: Path, manifest) -> None:
-    """Refuse ONNX graphs whose external-data tensors name a file outside the bundle or not in ``files``.
+def check_external_data(folder: Path, manifest, names=None) -> set[str]:
+    """Refuse ONNX graphs whose external-data tensors name a file outside the bundle or not in ``files``;
+    return the bundle-relative names those tensors read (so a caller hashing only some files hashes them too).
+
+    ``names``: the listed files to check (default all); graphs a command never opens need no check.
 
     Graphs are parsed without their external data (nothing but the listed graph file is read), and
     only when they can hold a reference at all: a tensor's external data is found by its
@@ -76,7 +79,8 @@ def check_external_data(folder: Path, manifest) -> None:
     from onnx.external_data_helper import _get_all_tensors
 
     problems: list[str] = []
-    for name in manifest.files:
+    referenced: set[str] = set()
+    for name in manifest.files if names is None else names:
         if not name.endswith(".onnx") or not may_reference_external_data(folder / name):
             continue
         try:
@@ -98,8 +102,11 @@ def check_external_data(folder: Path, manifest) -> None:
                 problems.append(problem)
             elif str(PurePosixPath(relative)) not in manifest.files:
                 problems.append(f"{what} is {location!r}, which is not listed in `files` (so it cannot be verified)")
+            else:
+                referenced.add(str(PurePosixPath(relative)))
     if problems:
         raise BundleError(f"bundle {str(folder)!r} is refused: {'; '.join(problems)}. Use a bundle written by `edgetune export`.")
+    return referenced
 
 
 def may_reference_external_data(path: Path) -> bool:

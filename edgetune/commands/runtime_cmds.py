@@ -20,6 +20,10 @@ BACKEND = click.option("--backend", default="auto", show_default=True,
                             "(stock onnxruntime), or auto (ort-training when installed, else portable).")
 
 
+# What predict reads: the logits graph, the tokenizer, the exported adapter and head, fixed adapter tensors.
+PREDICT_ROLES = ("classifier", "tokenizer", "checkpoint", "fixed_adapter")
+
+
 def _backend(name: str) -> str:
     """``--backend`` checked before the bundle is hashed or any data is read."""
     from edgetune.runtime.backend import choose_backend
@@ -195,10 +199,10 @@ def eval_cmd(bundle, data, batch_size, max_seq_len, skip_bad, as_json, backend, 
 def generate(bundle, prompt, system, max_new_tokens, temperature, top_p, seed, no_adapter, raw, compute, checkpoint,
              threads, state_dir):
     """Answer PROMPT with the latest trained adapter (the answer alone on stdout)."""
-    from edgetune.bundle import Bundle
+    from edgetune.bundle import GENERATE_ROLES, Bundle
     from edgetune.runtime.answer import answer
 
-    opened = Bundle.open(bundle)
+    opened = Bundle.open(bundle, verify=GENERATE_ROLES)  # hashes only the files generate reads
     _refuse_classifier(opened, "generate")
     text, origin = answer(opened, prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed, use_adapter=not no_adapter, raw=raw, threads=threads,
@@ -223,7 +227,7 @@ def predict(bundle, texts, as_json, no_adapter, max_seq_len, checkpoint, threads
     from edgetune.runtime.adapter_source import initial_adapter, latest_adapter
     from edgetune.runtime.classification import predict as classify
 
-    opened = Bundle.open(bundle)
+    opened = Bundle.open(bundle, verify=PREDICT_ROLES)  # hashes only the files predict reads
     if opened.manifest.task != "sequence-classification":
         raise EdgetuneError(f"predict needs a sequence-classification bundle; {str(bundle)!r} trains "
                             f"{opened.manifest.task} (use `edgetune generate` for causal-lm bundles).")

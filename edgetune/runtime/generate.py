@@ -33,9 +33,12 @@ class Generator:
         self.session = open_session(bundle, options, compute=compute, cache=cache)
         self.info = info
         self.manifest = manifest
-        from edgetune.fixed_adapter import read_fixed
+        from edgetune.fixed_adapter import fixed_tensors, read_fixed
 
-        self.fixed = read_fixed(bundle.folder, manifest)  # adapter inputs never trained (FFA-LoRA's A); {} usually
+        self.fixed = {}  # adapter inputs never trained (FFA-LoRA's A); {} usually
+        if fixed_tensors(manifest):
+            bundle.path("fixed_adapter")  # hashed (Bundle.open verify=roles) before it is read
+            self.fixed = read_fixed(bundle.folder, manifest)
         names = {i.name for i in self.session.get_inputs()}
         absent = [n for n in (*info.past_inputs, *info.adapter_inputs) if n not in names]
         if absent:
