@@ -28,7 +28,7 @@ class Generator:
         info = manifest.generation
         if info is None:
             raise BundleError(f"bundle {str(bundle.folder)!r} has no generation graph; re-export it with this edgetune.")
-        path = bundle.path("generation")
+        path = bundle.folder / info.file  # named in messages; open_session hashes (and may open) it
         options = generation_options(threads)  # checks threads
         self.session = open_session(bundle, options, compute=compute, cache=cache)
         self.info = info

@@ -59,8 +59,9 @@ def open_session(bundle: Bundle, options, compute: str = "exact", cache: bool = 
     (and cached). ``options`` is a fresh SessionOptions (threads etc.) that this function completes."""
     ort = onnxruntime()
     check_compute(compute)
-    source = bundle.path("generation")
-    expected = {"format": CACHE_FORMAT, "source_sha256": bundle.manifest.files[source.name],
+    # The cache's key: the graph's verified hash. The graph itself is opened (and scanned for
+    # external data, Bundle.path) only when the session is built from it, not on cached starts.
+    expected = {"format": CACHE_FORMAT, "source_sha256": bundle.digest("generation"),
                 "onnxruntime": ort.__version__, "compute": compute}
     folder = bundle.folder / CACHE_DIR
     graph, meta = folder / f"generation-{compute}.onnx", folder / f"generation-{compute}.json"
@@ -69,6 +70,7 @@ def open_session(bundle: Bundle, options, compute: str = "exact", cache: bool = 
     if cache and _valid(folder, graph, meta, expected):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimised when cached
         return ort.InferenceSession(str(graph), options, providers=providers)
+    source = bundle.path("generation")
     model = _int8_compute_bytes(source) if compute == "int8" else str(source)
     # EXTENDED, not ALL: ALL adds layout rewrites for this very CPU, which ORT advises against saving.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
