@@ -11,7 +11,7 @@ int8: 0.23 GB peak RSS after loading instead of 0.43 GB).
   generation-<compute>.<16 hex>.weights    its weights; a new name for every build, so a process
                                            still reading (memory-mapping) an old one is never hit
   generation-<compute>.json                {"format", "source_sha256" (the bundle's generation
-                                           graph, as its manifest lists it and Bundle.open verified),
+                                           graph, as its manifest lists it, checked by Bundle.digest),
                                            "onnxruntime" (version), "compute", "sha256" (graph),
                                            "weights", "weights_sha256"}
 
