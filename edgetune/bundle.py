@@ -195,7 +195,7 @@ class Bundle:
         self.manifest = manifest
         self.verified = verified  # every file a path() hands out was (or is, on first use) hashed
         self._roles = roles  # None: all roles allowed (hashed at open, or not at all)
-        self._checked: set[tuple[str, bool]] = set()  # (role, opened) done by _check_role
+        self._checked: set[str] = set()
 
     @classmethod
     def open(cls, folder: Path | str, *, verify: bool | Iterable[str] = True) -> "Bundle":
@@ -226,27 +226,23 @@ class Bundle:
         check_external_data(folder, manifest)
         return cls(folder, manifest, bool(verify))
 
-    def _check_role(self, role: str, name: str, opened: bool = True) -> None:
-        """With ``verify=roles``: refuse a role outside them; hash ``name`` once, and when it is to be
-        ``opened``, the checkpoint's sidecar and a graph's external data too (a graph is hashed before
-        it is parsed for those)."""
+    def _check_role(self, role: str, name: str) -> None:
+        """With ``verify=roles``: refuse a role outside them; hash ``name`` (with the checkpoint's
+        sidecar and the external data of a graph) once, before anything opens it."""
         from edgetune.bundle_paths import CHECKPOINT_EXTERNAL_SUFFIX, check_external_data
 
-        if self._roles is None:
+        if self._roles is None or role in self._checked:
             return
         if role not in self._roles:
             raise ValueError(f"{self!r} was opened to verify only {', '.join(sorted(self._roles))}; "
                              f"its {role} file is unverified and must not be read (add the role to verify=)")
-        if (role, False) not in self._checked:
-            _refuse_mismatch(self.folder, self.manifest, [name])
-            self._checked.add((role, False))
-        if opened and (role, True) not in self._checked:
-            sidecar = name + CHECKPOINT_EXTERNAL_SUFFIX
-            if role == "checkpoint" and sidecar in self.manifest.files:
-                _refuse_mismatch(self.folder, self.manifest, [sidecar])  # ONNX Runtime reads it beside the checkpoint
-            referenced = check_external_data(self.folder, self.manifest, [name])
-            _refuse_mismatch(self.folder, self.manifest, sorted(referenced))
-            self._checked.add((role, True))
+        names = [name]
+        sidecar = name + CHECKPOINT_EXTERNAL_SUFFIX
+        if role == "checkpoint" and sidecar in self.manifest.files:
+            names.append(sidecar)  # ONNX Runtime reads it beside the checkpoint
+        _refuse_mismatch(self.folder, self.manifest, names)  # the graph is hashed before it is parsed
+        _refuse_mismatch(self.folder, self.manifest, sorted(check_external_data(self.folder, self.manifest, [name])))
+        self._checked.add(role)
 
     def file_name(self, role: str) -> str | None:
         """The bundle-relative name of ``role``'s file, or None when the bundle has no such file."""
@@ -270,16 +266,6 @@ class Bundle:
             raise BundleError(f"bundle {str(self.folder)!r} has no {role} file; re-export it with this edgetune.")
         self._check_role(role, name)
         return self.folder / name
-
-    def digest(self, role: str) -> str:
-        """The SHA-256 of ``role``'s file as the manifest lists it, checked against the file (as ``path``
-        does) but without the external-data scan ``path`` adds for a file about to be opened: for keying
-        something derived from the file (edgetune/runtime/generation_session.py) without reading it."""
-        name = self.file_name(role)
-        if name is None:
-            raise BundleError(f"bundle {str(self.folder)!r} has no {role} file; re-export it with this edgetune.")
-        self._check_role(role, name, opened=False)
-        return self.manifest.files[name]
 
     def state_folder(self, override: Path | None = None) -> Path:
         """Where training state lives: ``override`` (``--state-dir``) or ``<bundle>/train-state``.

@@ -103,12 +103,10 @@ def test_external_data_of_a_verified_graph_is_hashed_too(bundle):
         Bundle.open(bundle, verify=GENERATE_ROLES).path("generation")
 
 
-def test_a_cached_start_never_opens_the_graph_so_its_external_data_is_never_followed(bundle, tmp_path):
-    """A cached start keys the cache by the graph's hash and loads the cache, not the graph, so the
-    graph's external-data scan waits until a session is built from it. A bundle shipping a cache
-    vouched for by a forged JSON beside a graph whose data lies outside (a FIFO: reading it would
-    hang) is run from the cache, whose own external data must name its weights file; nothing outside
-    is opened. Without the cache the same bundle is refused (tests/test_hostile.py)."""
+def test_a_graph_with_external_data_outside_is_refused_even_with_a_cache(bundle, tmp_path):
+    """A bundle shipping a cache vouched for by a forged JSON beside a generation graph whose data
+    lies outside (a FIFO: reading it would hang) is refused, cached start or not: the graph's
+    external data is checked at every start, and nothing outside is opened."""
     import os
 
     from tests.test_hostile import _externalise_one_tensor
@@ -124,8 +122,7 @@ def test_a_cached_start_never_opens_the_graph_so_its_external_data_is_never_foll
     (bundle / MANIFEST).write_text(json.dumps(data, indent=2))
     meta = bundle / "generation-cache" / "generation-exact.json"
     meta.write_text(meta.read_text().replace(old, data["files"]["generation_model.onnx"]))
-    r = _cli("generate", bundle, "--prompt", "hi", "--max-new-tokens", 2)
-    assert r.returncode == 0, r.stderr
-    meta.unlink()  # no cache: the graph is opened, scanned and refused
-    r = _cli("generate", bundle, "--prompt", "hi", "--max-new-tokens", 2)
-    assert r.returncode == 2 and "external data" in r.stderr, r.stderr
+    for _ in range(2):  # with the forged cache, then without it
+        r = _cli("generate", bundle, "--prompt", "hi", "--max-new-tokens", 2)
+        assert r.returncode == 2 and "external data" in r.stderr, r.stderr
+        meta.unlink(missing_ok=True)

@@ -59,9 +59,11 @@ def open_session(bundle: Bundle, options, compute: str = "exact", cache: bool = 
     (and cached). ``options`` is a fresh SessionOptions (threads etc.) that this function completes."""
     ort = onnxruntime()
     check_compute(compute)
-    # The cache's key: the graph's verified hash. The graph itself is opened (and scanned for
-    # external data, Bundle.path) only when the session is built from it, not on cached starts.
-    expected = {"format": CACHE_FORMAT, "source_sha256": bundle.digest("generation"),
+    # The cache's key: the graph's verified hash. Bundle.path also checks the graph's external data
+    # on every start, cached or not, so a bundle whose graph points outside is refused even when it
+    # ships a cache (a hostile bundle is refused whole, not run from a part it vouches for).
+    source = bundle.path("generation")
+    expected = {"format": CACHE_FORMAT, "source_sha256": bundle.manifest.files[source.name],
                 "onnxruntime": ort.__version__, "compute": compute}
     folder = bundle.folder / CACHE_DIR
     graph, meta = folder / f"generation-{compute}.onnx", folder / f"generation-{compute}.json"
@@ -70,7 +72,6 @@ def open_session(bundle: Bundle, options, compute: str = "exact", cache: bool = 
     if cache and _valid(folder, graph, meta, expected):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimised when cached
         return ort.InferenceSession(str(graph), options, providers=providers)
-    source = bundle.path("generation")
     model = _int8_compute_bytes(source) if compute == "int8" else str(source)
     # EXTENDED, not ALL: ALL adds layout rewrites for this very CPU, which ORT advises against saving.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
