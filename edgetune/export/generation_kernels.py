@@ -55,10 +55,7 @@ def int8_linears_to_nbits(model: onnx.ModelProto) -> int:
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     drop: set[int] = set()  # id() of nodes replaced
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
@@ -105,6 +102,15 @@ def int8_linears_to_nbits(model: onnx.ModelProto) -> int:
     return rewritten
 
 
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def _zero_point_is_zero(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
     if len(dq.input) < 3 or not dq.input[2]:
         return False  # no zero point: ONNX types the output uint8 — not the int8 rewrite's graph
@@ -145,10 +151,7 @@ def int4_linears_to_nbits(model: onnx.ModelProto, names: list[str], block_size: 
     becomes int4 blocks of W^T read by MatMulNBits. Returns the names rewritten; others are left alone."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     drop: set[int] = set()
     new_nodes: list[onnx.NodeProto] = []
     done: list[str] = []
