@@ -210,19 +210,10 @@ def test_cached_decoding_matches_full_forwards(export_tiny):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_portable_graph_gives_the_training_backends_loss_and_gradients(export_tiny, name):
     """The stock-onnxruntime graph (edgetune/export/portable/) covers this method's operators."""
-    from tests.test_memory import _loss_and_grads, _start
-    from tests.test_portable_graph import _portable
+    from tests.test_portable_graph import assert_portable_matches_training
 
     bundle = export_tiny(quantize="int8", method=METHOD, method_config=CONFIGS[name])
-    manifest = read_manifest(bundle)
-    assert manifest.portable["supported"] and manifest.portable["unsupported"] == []
-    batch, adapter = _batch(manifest), _start(bundle)
-    ref_loss, ref_grads = _loss_and_grads(bundle, batch, adapter)
-    loss, grads, _ = _portable(bundle, manifest, batch, adapter)
-    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
-    for t, ref in ref_grads.items():
-        assert np.abs(ref).max() > 0, t
-        np.testing.assert_allclose(grads[t], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=t)
+    assert_portable_matches_training(bundle, _batch(read_manifest(bundle)))
 
 
 def test_init_option_reaches_the_manifest(tiny_model_dir, tmp_path):

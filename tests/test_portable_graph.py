@@ -37,6 +37,22 @@ FEW_LABELS = {"input_ids": np.array([[5, 6, 7, 8]], np.int64), "attention_mask":
               "labels": np.array([[-100, -100, 7, 8]], np.int64)}  # 2 label positions, 8 loss chunks
 
 
+def assert_portable_matches_training(bundle: Path, batch: dict) -> None:
+    """The bundle's portable graph gives the training graph's loss and gradients (1e-5) from its initial
+    adapter, and records no unsupported operator."""
+    from tests.test_memory import _loss_and_grads, _start
+
+    manifest = read_manifest(bundle)
+    assert manifest.portable["supported"] and manifest.portable["unsupported"] == []
+    adapter = _start(bundle)
+    ref_loss, ref_grads = _loss_and_grads(bundle, batch, adapter)
+    loss, grads, _ = _portable(bundle, manifest, batch, adapter)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for t, ref in ref_grads.items():
+        assert np.abs(ref).max() > 0, t
+        np.testing.assert_allclose(grads[t], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=t)
+
+
 def _portable(bundle: Path, manifest: Manifest, batch: dict, adapter: dict) -> tuple[float, dict, float]:
     """(loss, {graph_name: gradient}, eval loss) from the portable graphs run as plain inference."""
     import onnxruntime as ort

@@ -91,15 +91,24 @@ def int8_linears_to_nbits(model: onnx.ModelProto) -> int:
             ]
             drop.add(id(mm))
             rewritten += 1
+    _replace_nodes(model, drop, new_nodes, new_inits, bool(rewritten))
+    return rewritten
+
+
+def _replace_nodes(model: onnx.ModelProto, drop: set[int], new_nodes: list[onnx.NodeProto],
+                   new_inits: list[onnx.TensorProto], changed: bool) -> None:
+    """Drop the nodes whose id() is in ``drop``, add ``new_nodes`` (placed by sort_graph) and
+    ``new_inits``, remove what no node reads any more, and import the com.microsoft domain when
+    anything changed (MatMulNBits lives there)."""
+    graph = model.graph
     kept = [nd for nd in graph.node if id(nd) not in drop]
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(new_inits)
     sort_graph(graph, new_nodes)
     _remove_unread(graph)
-    if rewritten and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+    if changed and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return rewritten
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -170,13 +179,7 @@ def int4_linears_to_nbits(model: onnx.ModelProto, names: list[str], block_size: 
                                               name=f"{mm.name or mm.output[0]}/MatMulNBits"))
             drop.add(id(mm))
         done.append(name)
-    kept = [nd for nd in graph.node if id(nd) not in drop]
-    del graph.node[:]
-    graph.node.extend(kept)
-    sort_graph(graph, new_nodes)
-    _remove_unread(graph)
-    if done and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _replace_nodes(model, drop, new_nodes, [], bool(done))
     return done
 
 
