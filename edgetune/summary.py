@@ -53,6 +53,8 @@ def memory_plan_text(producer: dict) -> str:
     if plan is None:
         return "none (--no-memory-rewrites)"
     loss = f"loss in {plan['loss_chunks']} chunks" if plan["loss_chunks"] > 1 else "loss in one piece"
+    if plan.get("head_slices"):
+        loss += f", LM head in {plan['head_slices']} vocabulary slices"
     return (f"--recompute {plan['recompute']} ({plan['recomputed_segments']} blocks recomputed), {loss}, "
             f"{plan['private_dequantize']} per-use dequantizations")
 

@@ -107,3 +107,34 @@ def test_no_frozen_weight_is_transposed(export_tiny):
     for node in graph.node:
         if node.op_type == "Transpose" and node.input[0] in producer:
             assert producer[node.input[0]].op_type != "DequantizeLinear", node.name
+
+
+def test_head_in_vocabulary_slices_gives_the_plain_graphs_loss_and_gradients(export_tiny):
+    """--head-slices 5: every product with the int8 head reads a DQ of one slice of its rows, and
+    loss and gradients are the plain graph's (memory_head.py)."""
+    plain = export_tiny(quantize="int8", **PLAIN)
+    sliced = export_tiny(quantize="int8", recompute="cheap", loss_chunks=3, head_slices=5)
+    assert read_manifest(sliced).producer["memory"]["head_slices"] == 5
+    graph = onnx.load(str(sliced / "training_model.onnx")).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    table = "model.model.embed_tokens.weight.int8"
+    dqs = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert not [n.name for n in dqs if n.input[0] == table]  # never the whole (V, H) table
+    head_dqs = [n for n in dqs if n.input[0] in producer and producer[n.input[0]].op_type == "Slice"
+                and producer[n.input[0]].input[0] == table]
+    assert len(head_dqs) == 3 * 2 * 5  # chunks x (forward, backward) x slices
+    batch, start = _batch(read_manifest(plain)), _start(plain)
+    ref_loss, ref_grads = _loss_and_grads(plain, batch, start)
+    loss, grads = _loss_and_grads(sliced, batch, start)
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    for name, ref in ref_grads.items():
+        assert np.abs(ref).max() > 0, name
+        np.testing.assert_allclose(grads[name], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max(), err_msg=name)
+
+
+def test_head_slices_auto_only_for_heads_too_large_to_copy_whole():
+    from edgetune.export.memory_head import auto_slices
+
+    assert auto_slices(49_152, 576) == 0  # SmolLM2-135M: 113 MB fp32, one shared copy
+    assert auto_slices(49_152, 960) == 0  # SmolLM2-360M: 189 MB
+    assert auto_slices(128_256, 2_048) == 16  # Llama-3.2-1B: 1.05 GB -> 16 slices of <= 64 MB

@@ -58,6 +58,19 @@ def _methods_help() -> str:
     return "; ".join(f"{name}: {get_method(name).description}" for name in method_names())
 
 
+def _head_slices(ctx, param, value) -> int | None:
+    """``--head-slices``: ``auto`` -> None (the exporter decides per head), else a count >= 0."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if not 0 <= count <= 4096:
+        raise click.BadParameter(f"expected auto or a whole number from 0 to 4096, got {value!r}.")
+    return count
+
+
 @click.command()
 @click.argument("model", required=False)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bundle"), show_default=True,
@@ -78,6 +91,11 @@ def _methods_help() -> str:
 @click.option("--loss-chunks", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Compute the LM head and loss over label positions in this many chunks, so the "
                    "(tokens x vocabulary) logits never exist whole.")
+@click.option("--head-slices", default="auto", show_default=True, callback=_head_slices,
+              help="Multiply the LM head in this many vocabulary slices, each dequantized right before its "
+                   "product, instead of one fp32 copy of the whole head alive through the loss (int8 heads): "
+                   "less memory, a little more time. auto slices heads whose fp32 copy exceeds 256 MB "
+                   "(1B-class models) into pieces of at most 64 MB; 0 turns it off.")
 @click.option("--no-memory-rewrites", is_flag=True,
               help="Keep the training graph exactly as ONNX Runtime's gradient builder writes it "
                    "(ignores --recompute and --loss-chunks; for comparisons).")
@@ -104,7 +122,7 @@ def _methods_help() -> str:
 @click.option("--ort-format", is_flag=True, help="Also write the training artifacts in ORT format (for minimal "
                                                  "mobile onnxruntime builds); the manifest records them.")
 @click.pass_context
-def export(ctx, model, out, method, quantize, block_size, weight_decay, recompute, loss_chunks, no_memory_rewrites, compute, task, beta,
+def export(ctx, model, out, method, quantize, block_size, weight_decay, recompute, loss_chunks, head_slices, no_memory_rewrites, compute, task, beta,
            num_labels, label_names, force, device, plan_batch_size, plan_seq_len, ort_format, **method_options):
     """Export MODEL (a Hugging Face folder, a .gguf file, or a built-in name; default smollm2-135m)
     with a trainable adapter into an ONNX Runtime training bundle."""
@@ -133,7 +151,7 @@ def export(ctx, model, out, method, quantize, block_size, weight_decay, recomput
         recompute=recompute, loss_chunks=loss_chunks, memory_rewrites=not no_memory_rewrites, task=task, beta=beta,
         num_labels=num_labels,
         labels=None if label_names is None else tuple(x.strip() for x in label_names.split(",")),
-        compute=compute,
+        compute=compute, head_slices=head_slices,
     )
     manifest = export_bundle(opts, report=lambda msg: click.echo(f"• {msg}", err=True))
     click.echo(f"wrote {out} in {manifest.producer['export_seconds']} s", err=True)

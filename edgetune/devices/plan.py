@@ -25,7 +25,8 @@ vocabulary V). Sizes in bytes; N = batch x seq tokens, all of them assumed to ca
       cheap:  + per layer the frozen projections' outputs q, k, v, gate, up
       mlp:    + per layer gate and up
       none:   + per layer everything the backward reads (``_layer_activations``)
-    loss phase: the LM head's weight dequantized to fp32 once (shared by the chunks) + one chunk's
+    loss phase: the LM head's weight dequantized to fp32 once (shared by the chunks; with head
+      slices, one slice of V / slices rows at a time) + one chunk's
       logits, log-probabilities and their gradient (3 x N/chunks x V) + the final norm's output.
     first backward block: with recompute, one layer's forward activations again plus the
       gradients around it.
@@ -124,6 +125,7 @@ class PlanInputs:
     quantized: bool
     recompute: str
     loss_chunks: int
+    head_slices: int = 0  # the head's products in vocabulary slices (export/memory_head.py): one slice's fp32 copy
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "PlanInputs":
@@ -140,7 +142,8 @@ class PlanInputs:
                    projection_params=sum(math.prod(t.shape) for t in manifest.frozen
                                          if len(t.shape) == 2 and ".layers." in t.graph_name),
                    quantized=manifest.quantization != "none", recompute=memory.get("recompute", "none"),
-                   loss_chunks=max(1, int(memory.get("loss_chunks") or 1)))
+                   loss_chunks=max(1, int(memory.get("loss_chunks") or 1)),
+                   head_slices=int(memory.get("head_slices") or 0))
 
 
 def _layer_activations(m: ModelShape, batch: int, seq: int) -> int:
@@ -182,7 +185,8 @@ def predict(bundle: "Manifest | PlanInputs", batch: int, seq: int, gflops: float
     p = bundle if isinstance(bundle, PlanInputs) else PlanInputs.from_manifest(bundle)
     m, n = p.shape, batch * seq
     stored = stored_activations(m, p.recompute, batch, seq)
-    head_fp32 = m.vocab * m.hidden * FP32 if p.quantized else 0
+    head_rows = math.ceil(m.vocab / p.head_slices) if p.head_slices > 1 else m.vocab
+    head_fp32 = head_rows * m.hidden * FP32 if p.quantized else 0
     chunk = 3 * math.ceil(n / p.loss_chunks) * m.vocab * FP32
     loss_phase = head_fp32 + chunk + 2 * n * m.hidden * FP32
     block = _layer_activations(m, batch, seq) if p.recompute != "none" else 0

@@ -64,6 +64,7 @@ class ExportOptions:
     num_labels: int | None = None  # sequence-classification: how many classes (default: len(labels))
     labels: tuple[str, ...] | None = None  # sequence-classification: class names (default LABEL_0, LABEL_1, ...)
     compute: str = "fp32"  # int8: frozen projections as int8 GEMMs on the int8 weights (changes numbers; opt-in)
+    head_slices: int | None = None  # the LM head's products in vocabulary slices (None: auto; 0: off; memory_head.py)
 
     def __post_init__(self) -> None:
         from edgetune.export.memory import RECOMPUTE_POLICIES
@@ -97,6 +98,11 @@ class ExportOptions:
         if self.compute == "int8" and not self.memory_rewrites:
             raise ExportError("--compute int8 rewrites the memory plan's per-use dequantizations and cannot be "
                               "combined with --no-memory-rewrites; drop one of the two.")
+        if self.head_slices is not None and not 0 <= self.head_slices <= 4096:
+            raise ExportError(f"--head-slices must be auto or between 0 and 4096, got {self.head_slices}.")
+        if self.compute == "int8" and self.head_slices:
+            raise ExportError("--compute int8 multiplies the LM head whole (int8, no fp32 copy); --head-slices "
+                              "applies to fp32 compute only: drop --head-slices or use --compute fp32.")
         if self.task not in TASKS:
             raise ExportError(f"unsupported task {self.task!r}; choose one of: {', '.join(TASKS)}.")
         if self.beta is not None and self.task != "dpo":
@@ -265,7 +271,8 @@ def _build(opts, method, model, tokenizer, trainables, fixed, source, base_sha, 
     memory = None
     if opts.memory_rewrites:
         report(f"planning memory (recompute: {opts.recompute}, loss chunks: {loss_chunks or 'off'})")
-        memory = optimize_artifacts(tmp, OUTPUT_NAMES[0], opts.recompute).to_dict(opts.recompute)
+        head_slices = 0 if opts.compute == "int8" else opts.head_slices  # int8 compute: compute_int8.py's head
+        memory = optimize_artifacts(tmp, OUTPUT_NAMES[0], opts.recompute, head_slices).to_dict(opts.recompute)
     compute = {"matmul": "fp32"}
     if opts.compute == "int8":
         from edgetune.export.compute_int8 import rewrite_artifacts

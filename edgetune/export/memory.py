@@ -17,7 +17,8 @@ must exist to tell forward from backward uses):
    its forward is recomputed from the stored tensors (see ``memory_recompute.py``).
 3. ``order_loss_chunks`` (training model), when the forward graph went through
    ``memory_loss.chunk_loss`` before ``generate_artifacts``: the LM-head chunks run one after
-   another, forward and backward, on one shared dequantized head weight.
+   another, forward and backward, on one shared dequantized head weight, or, for heads too large
+   for that (``memory_head.py``), on vocabulary slices dequantized one at a time.
 
 All keep every operation and operand as it was, so losses, gradients and updated adapters are
 what the plain graph gives (tests/test_memory.py compares them). The eval model gets rewrite 1
@@ -49,6 +50,7 @@ class MemoryReport:
     recomputed_segments: int = 0
     recomputed_nodes: int = 0
     loss_chunks: int = 0  # chunks of the loss head chained forward/backward
+    head_slices: int = 0  # vocabulary slices of the LM head's products (0: one shared fp32 copy; memory_head.py)
     skipped: list[str] = field(default_factory=list)  # segments left alone, with the reason
 
     def to_dict(self, recompute: str) -> dict:
@@ -56,15 +58,16 @@ class MemoryReport:
         return {"recompute": recompute, "recomputed_segments": self.recomputed_segments,
                 "recomputed_nodes": self.recomputed_nodes, "private_dequantize": self.private_dequantize,
                 "transposes_removed": self.transposes_removed, "loss_chunks": self.loss_chunks,
-                "skipped": self.skipped}
+                "head_slices": self.head_slices, "skipped": self.skipped}
 
 
-def optimize_artifacts(folder: Path | str, loss: str = "loss", recompute: str = "cheap") -> MemoryReport:
+def optimize_artifacts(folder: Path | str, loss: str = "loss", recompute: str = "cheap",
+                       head_slices: int | None = None) -> MemoryReport:
     """Rewrite ``training_model.onnx`` and ``eval_model.onnx`` in ``folder`` in place."""
     folder = Path(folder)
     report = MemoryReport()
     training = onnx.load(str(folder / "training_model.onnx"))
-    optimize_training_model(training, loss=loss, recompute=recompute, report=report)
+    optimize_training_model(training, loss=loss, recompute=recompute, report=report, head_slices=head_slices)
     onnx.save(training, str(folder / "training_model.onnx"))
     evaluation = onnx.load(str(folder / "eval_model.onnx"))
     _ensure_ms_domain(evaluation)
@@ -74,7 +77,7 @@ def optimize_artifacts(folder: Path | str, loss: str = "loss", recompute: str = 
 
 
 def optimize_training_model(model: onnx.ModelProto, loss: str = "loss", recompute: str = "cheap",
-                            report: MemoryReport | None = None) -> MemoryReport:
+                            report: MemoryReport | None = None, head_slices: int | None = None) -> MemoryReport:
     """Both rewrites on a training model (a graph holding forward and backward nodes)."""
     from edgetune.export.memory_recompute import recompute_segments
 
@@ -86,7 +89,7 @@ def optimize_training_model(model: onnx.ModelProto, loss: str = "loss", recomput
         recompute_segments(model.graph, loss, recompute, report)  # clones read Transpose(DQ(W)) too:
     private_dequantize(model.graph, loss, report)  # ... so this runs second and covers them
     if any(n.name.startswith(PREFIX) for n in model.graph.node):  # the forward graph went through chunk_loss
-        order_loss_chunks(model.graph, report)  # after private_dequantize: merges the chunks' DQs
+        order_loss_chunks(model.graph, report, head_slices)  # after private_dequantize: merges the chunks' DQs
     return report
 
 

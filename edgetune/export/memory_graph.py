@@ -97,13 +97,18 @@ class GraphIndex:
         tensor of the same symbolic shape, which would drop the dependency. Distinct inputs also
         keep CommonSubexpressionElimination from merging a copy back into the original.
         """
+        zero = self.const(np.array([0], np.int64), "memory.axes0")
+        return self.add("Slice", [tensor, zero, self.end_after(dependency, tag), zero], f"{tag}/After")
+
+    def end_after(self, dependency: str, tag: str) -> str:
+        """An int64 (1,) tensor, ``Size(dependency) + 2**62``: larger than any index, known only once
+        ``dependency`` exists. ``Min(start, end_after(d))`` is ``start``, computed after ``d``."""
         if dependency not in self._ends:
             size = self.add("Size", [dependency], f"{tag}/Size")
             size1 = self.add("Unsqueeze", [size, self.const(np.array([0], np.int64), "memory.axes0")], f"{tag}/Unsqueeze")
             self._ends[dependency] = self.add("Add", [size1, self.const(np.array([_NO_CUT], np.int64), "memory.no_cut")],
                                               f"{tag}/End")
-        zero = self.const(np.array([0], np.int64), "memory.axes0")
-        return self.add("Slice", [tensor, zero, self._ends[dependency], zero], f"{tag}/After")
+        return self._ends[dependency]
 
     def commit(self, drop: set[int] = frozenset()) -> None:
         """Write the node list back into the graph, minus ``drop``, in topological order."""

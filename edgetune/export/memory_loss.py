@@ -21,6 +21,7 @@ import onnx
 
 from edgetune.constants import IGNORE_INDEX
 from edgetune.export.memory_graph import GraphIndex
+from edgetune.export.memory_head import auto_slices, initializer_dims, sliceable, slice_products
 from edgetune.onnx_graph import attr, remove_dead_nodes
 
 PREFIX = "memory.loss_chunk"
@@ -85,8 +86,9 @@ def chunk_loss(model: onnx.ModelProto, loss: str = "loss", chunks: int = 8) -> i
     return chunks
 
 
-def order_loss_chunks(graph: onnx.GraphProto, report) -> None:
-    """Chain the chunks (forward k+1 after backward k) and share one head-weight DequantizeLinear."""
+def order_loss_chunks(graph: onnx.GraphProto, report, head_slices: int | None = None) -> None:
+    """Chain the chunks (forward k+1 after backward k); the head weight: one shared DequantizeLinear,
+    or (``head_slices`` > 1, or None = ``memory_head.auto_slices``) vocabulary slices (memory_head.py)."""
     g = GraphIndex(graph, None)
     k = 0
     while f"{PREFIX}{k + 1}/h_output" in g.producer:
@@ -99,11 +101,11 @@ def order_loss_chunks(graph: onnx.GraphProto, report) -> None:
                     g.nodes[c].input[j] = gated
             report.loss_chunks = k + 2
         k += 1
-    _share_head_weight(g, f"{PREFIX}0/h_output")
+    _share_head_weight(g, f"{PREFIX}0/h_output", head_slices, report)
     remove_dead_nodes(graph)  # the dropped DQs' scale gates
 
 
-def _share_head_weight(g: GraphIndex, first_input: str) -> None:
+def _share_head_weight(g: GraphIndex, first_input: str, head_slices: int | None, report) -> None:
     """One dequantized head weight for all chunk matmuls (forward and backward run back to back).
 
     ``DQ -> Reshape(same shape) -> readers``: a DequantizeLinear with several readers would be
@@ -122,6 +124,15 @@ def _share_head_weight(g: GraphIndex, first_input: str) -> None:
                 drop.add(p)
     for q, readers in private.items():
         dq = g.nodes[g.producer[g.nodes[readers[0][0]].input[readers[0][1]]]]
+        dims = initializer_dims(g.graph, q)
+        slices = auto_slices(*dims) if head_slices is None and dims and len(dims) == 2 else (head_slices or 0)
+        if slices > 1 and dims and sliceable(g, dq, readers):
+            scale = dq.input[1]
+            while scale in g.producer and g.nodes[g.producer[scale]].name.endswith("/After"):  # the gate, not a value
+                scale = g.nodes[g.producer[scale]].input[0]
+            drop |= slice_products(g, dq, scale, readers, dims[0], min(slices, dims[0]))
+            report.head_slices = min(slices, dims[0])
+            continue
         inputs = list(dq.input)
         inputs[1] = g.after(inputs[1], first_input, f"{dq.name}/shared")  # dequantize when chunk 0 starts
         weight = g.copy(dq, inputs, f"{dq.name}/shared")
