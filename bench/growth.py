@@ -84,11 +84,13 @@ def model_source(size: str, models_dir: Path, say) -> tuple[str | None, dict | N
     return str(out), {"seconds": run["wall_s"], "peak_rss_bytes": run["ru_maxrss_bytes"]}
 
 
-def export_bundle(model: str | None, quantize: str, out: Path, fp32_bytes: int, lora: dict, say) -> dict:
+def export_bundle(model: str | None, quantize: str, out: Path, fp32_bytes: int, lora: dict, say,
+                  recompute: str = "cheap") -> dict:
     wait_for_memory(NEED_PER_FP32_BYTE["export"] * fp32_bytes, f"export {quantize}", say)
     argv = [sys.executable, "-m", "edgetune.cli", "export", *([model] if model else []), "--out", str(out),
             "--quantize", quantize, *(["--block-size", "64"] if quantize == "int4" else []),
-            "--rank", str(lora["rank"]), "--alpha", str(lora["alpha"]), "--targets", lora["targets"], "--force"]
+            "--rank", str(lora["rank"]), "--alpha", str(lora["alpha"]), "--targets", lora["targets"],
+            "--recompute", recompute, "--force"]
     say(f"exporting {model or 'the default model'} --quantize {quantize}")
     run = run_child(argv, parse_result=False)
     return {"seconds": run["wall_s"], "peak_rss_bytes": run["ru_maxrss_bytes"],
@@ -119,7 +121,8 @@ def run_growth(args, tmp: Path, lora: dict, say) -> list[dict]:
         for quantize in args.size_quantize.split(","):
             out = tmp / f"{name}-{quantize}"
             row["exports"][quantize] = attempt(
-                lambda: export_bundle(model, quantize, out, fp32_bytes, lora, say), f"{name} export {quantize}", say)
+                lambda: export_bundle(model, quantize, out, fp32_bytes, lora, say, args.recompute),
+                f"{name} export {quantize}", say)
             if "error" in row["exports"][quantize]:
                 continue
             manifest = read_manifest(out, verify=False)

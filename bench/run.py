@@ -353,7 +353,7 @@ def growth_main(args, argv, info: dict, tmp: Path, started: float) -> None:
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name, "bench/run.py", *argv]),
               "config": {"batch": args.batch_size, "seq": args.seq_len, "threads": args.threads, "steps": args.steps,
-                         "warmup": args.warmup, "lora": LORA, "int4_block_size": 64, "pytorch_dtype": "float32"},
+                         "warmup": args.warmup, "lora": LORA, "int4_block_size": 64, "recompute": args.recompute, "pytorch_dtype": "float32"},
               "sizes": rows, "machine": info, "versions": machine.versions(), "bench_wall_s": time.perf_counter() - started}
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -115,6 +115,7 @@ def test_inspect_shows_the_compute(export_tiny):
     ({"memory_rewrites": False}, "--no-memory-rewrites"),
     ({"task": "dpo"}, "--task causal-lm only"),
     ({"compute": "int4"}, "unsupported --compute"),
+    ({"head_slices": 4}, "--head-slices applies to fp32 compute only"),
 ])
 def test_int8_compute_refusals_name_the_fix(tmp_path, options, words):
     options = {"compute": "int8", **options}

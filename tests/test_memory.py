@@ -138,3 +138,11 @@ def test_head_slices_auto_only_for_heads_too_large_to_copy_whole():
     assert auto_slices(49_152, 576) == 0  # SmolLM2-135M: 113 MB fp32, one shared copy
     assert auto_slices(49_152, 960) == 0  # SmolLM2-360M: 189 MB
     assert auto_slices(128_256, 2_048) == 16  # Llama-3.2-1B: 1.05 GB -> 16 slices of <= 64 MB
+
+
+def test_head_slices_option_refuses_bad_values_in_one_line(tiny_model_dir, tmp_path):
+    from tests.test_export import _cli
+
+    r = _cli("export", str(tiny_model_dir), "--head-slices", "many", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--head-slices" in r.stderr
+    assert not (tmp_path / "o").exists()
