@@ -146,3 +146,17 @@ def test_head_slices_option_refuses_bad_values_in_one_line(tiny_model_dir, tmp_p
     r = _cli("export", str(tiny_model_dir), "--head-slices", "many", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--head-slices" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"quantize": "none"}, "--quantize none keeps the head in fp32"),
+    ({"loss_chunks": 1}, "--loss-chunks 1"),
+    ({"memory_rewrites": False}, "--no-memory-rewrites"),
+    ({"task": "dpo"}, "--task dpo computes its head in one piece"),
+])
+def test_head_slices_refused_where_there_is_no_chunked_int8_head(tmp_path, options, words):
+    from edgetune.errors import ExportError
+    from edgetune.export.exporter import ExportOptions
+
+    with pytest.raises(ExportError, match=words):
+        ExportOptions(source=None, out=tmp_path / "b", head_slices=4, **options)

@@ -100,6 +100,14 @@ class ExportOptions:
                               "combined with --no-memory-rewrites; drop one of the two.")
         if self.head_slices is not None and not 0 <= self.head_slices <= 4096:
             raise ExportError(f"--head-slices must be auto or between 0 and 4096, got {self.head_slices}.")
+        if self.head_slices and self.head_slices > 1:
+            why = ("--quantize none keeps the head in fp32 (nothing to dequantize)" if self.quantize == "none" else
+                   f"--task {self.task} computes its head in one piece" if self.task != "causal-lm" else
+                   "--no-memory-rewrites leaves the loss unchunked" if not self.memory_rewrites else
+                   "--loss-chunks 1 leaves the loss unchunked" if self.loss_chunks < 2 else None)
+            if why:
+                raise ExportError(f"--head-slices {self.head_slices} splits the int8 LM head of the chunked causal-LM "
+                                  f"loss, but {why}; drop --head-slices.")
         if self.compute == "int8" and self.head_slices:
             raise ExportError("--compute int8 multiplies the LM head whole (int8, no fp32 copy); --head-slices "
                               "applies to fp32 compute only: drop --head-slices or use --compute fp32.")
