@@ -28,7 +28,10 @@ SmolLM2-135M, one step on 1,100 real tokens (``bench/int8_error.py``; README, Pe
   per row (the export's)  symmetric int8, one scale per row (token): max|A_row| / 127; the int32
                           products come back through ``MatMulIntegerToFloat`` (com.microsoft)
                           times the weight's column scales, then times the row scales.
-                          Loss +2.4 %, LoRA gradients 62 % off (relative norm).
+                          Loss +2.4 %, LoRA gradients 62 % off (relative norm). The kernel gets
+                          the row's integers as uint8 + 128 with zero point 128 (same products):
+                          ONNX Runtime's x86 int8 x int8 GEMM is portable C, its uint8 x int8 one
+                          uses AVX2/AVX-512/VNNI (``bench/int8_kernels.py``: 17x at these shapes).
   per tensor              ``DynamicQuantizeMatMul`` (com.microsoft): uint8 with a zero point, one
                           scale for the whole tensor. Loss +45 %, gradients 179 % off: a few
                           tokens with large activations leave the rest a handful of levels.
@@ -52,6 +55,7 @@ from edgetune.onnx_graph import attr
 
 MS_DOMAIN = "com.microsoft"
 GRANULARITIES = ("tensor", "row")
+A_ZERO = 128  # per-row activations travel as uint8 with this zero point (see _product)
 
 
 @dataclass
@@ -191,16 +195,21 @@ def _product(g: GraphIndex, node: onnx.NodeProto, a: str, b: str, b_scale: str, 
         node.op_type = "DynamicQuantizeMatMul"
         node.input[:] = [a, b, b_scale, b_zero]
         return
-    # per row: a_scale (.., 1) = max|A_row| / 127 (1 for an all-zero row), A_q = round(A / a_scale) int8
+    # per row: a_scale (.., 1) = max|A_row| / 127 (1 for an all-zero row), A_s8 = round(A / a_scale) in
+    # [-127, 127], handed to the kernel as uint8 A_s8 + 128 with zero point 128: the same integers, but
+    # ONNX Runtime's x86 kernels multiply uint8 x int8 with VNNI/AVX2 and int8 x int8 only in portable C
+    # (AVX-VNNI-INT8 CPUs aside), 17x slower at these shapes (README, "Where an int8 step's time goes")
     tag = node.name or "int8"
     amax = g.add("ReduceMax", [g.add("Abs", [a], f"{tag}/Abs")], f"{tag}/RowMax", axes=[-1], keepdims=1)
     zero_row = g.add("Equal", [amax, g.const(np.array(0.0, np.float32), "compute_int8.zero")], f"{tag}/ZeroRow")
     a_scale = g.add("Where", [zero_row, g.const(np.array(1.0, np.float32), "compute_int8.one"),
                               g.add("Div", [amax, g.const(np.array(127.0, np.float32), "compute_int8.qmax")], f"{tag}/Div")],
                     f"{tag}/RowScale")
-    a_q = g.add("Cast", [g.add("Round", [g.add("Div", [a, a_scale], f"{tag}/Scale")], f"{tag}/Round")], f"{tag}/ToInt8",
-                to=onnx.TensorProto.INT8)
-    product = g.add("MatMulIntegerToFloat", [a_q, b, g.const(np.array(1.0, np.float32), "compute_int8.one"), b_scale],
+    rounded = g.add("Round", [g.add("Div", [a, a_scale], f"{tag}/Scale")], f"{tag}/Round")
+    a_q = g.add("Cast", [g.add("Add", [rounded, g.const(np.array(A_ZERO, np.float32), "compute_int8.a_zero_f")],
+                               f"{tag}/Offset")], f"{tag}/ToUint8", to=onnx.TensorProto.UINT8)
+    product = g.add("MatMulIntegerToFloat", [a_q, b, g.const(np.array(1.0, np.float32), "compute_int8.one"), b_scale,
+                                             g.const(np.array(A_ZERO, np.uint8), "compute_int8.a_zero")],  # B's: 0
                     f"{tag}/MatMulIntegerToFloat", domain=MS_DOMAIN)
     node.op_type, node.domain = "Mul", ""
     node.input[:] = [product, a_scale]
