@@ -23,8 +23,10 @@ Variants (GOP/s counts 2 M K N per product):
   row chain s8     the whole per-row product of ``export/compute_int8.py`` before this benchmark:
                    abs-max per row, scale, divide, round, cast to int8, Transpose of B (N, K) int8,
                    MatMulIntegerToFloat, times the row scales
-  row chain u8     the same with uint8 A (+128, zero point 128) and no Transpose (the rewrite's
-                   current form, ``compute_int8._product``)
+  row chain u8     the same with uint8 A (Round, +128, Cast to uint8; zero point 128) and B (k, n)
+                   as given (no Transpose)
+  row chain ql     row chain u8 with one per-axis QuantizeLinear instead of Div, Round, Add, Cast
+                   (the rewrite's current form, ``compute_int8._product``)
 """
 
 from __future__ import annotations
@@ -79,32 +81,38 @@ def variants(m: int, k: int, n: int, rng) -> dict:
                           [vi("a", F, [m, k]), vi("b", I8, [k, n])], "y", F,
                           [numpy_helper.from_array(np.full(n, 0.01, np.float32), "sb"), _scalar("zb", 0, np.int8)]),
                    {"a": a, "b": b8})
-    for signed in (True, False):
-        nodes, inits = _row_chain(n, signed)
+    for form in ("s8", "u8", "ql"):
+        nodes, inits = _row_chain(n, form)
+        signed = form == "s8"
         feeds = {"a": a, "b": np.ascontiguousarray(b8.T) if signed else b8}
-        out["row chain s8" if signed else "row chain u8"] = (
+        out[f"row chain {form}"] = (
             _model(nodes, [vi("a", F, [m, k]), vi("b", I8, [n, k] if signed else [k, n])], "y", F, inits), feeds)
     return out
 
 
-def _row_chain(n: int, signed: bool):
-    """A (m, k) fp32 quantized per row, times B int8; ``signed``: int8 A and B read through a
-    Transpose of its (n, k) layout, else uint8 A (zero point 128) on B (k, n) as given."""
+def _row_chain(n: int, form: str):
+    """A (m, k) fp32 quantized per row, times B int8. ``form`` s8: int8 A, B read through a Transpose
+    of its (n, k) layout; u8: uint8 A (zero point 128) on B (k, n) as given; ql: u8 with QuantizeLinear."""
     mk = helper.make_node
     nodes = [mk("Abs", ["a"], ["abs"]), mk("ReduceMax", ["abs"], ["amax"], axes=[-1], keepdims=1),
              mk("Equal", ["amax", "zero"], ["isz"]), mk("Div", ["amax", "qmax"], ["s0"]),
-             mk("Where", ["isz", "one", "s0"], ["sa_row"]), mk("Div", ["a", "sa_row"], ["ad"]),
-             mk("Round", ["ad"], ["ar"])]
+             mk("Where", ["isz", "one", "s0"], ["sa_row"])]
     inits = [_scalar("zero", 0.0, np.float32), _scalar("one", 1.0, np.float32), _scalar("qmax", 127.0, np.float32),
              numpy_helper.from_array(np.full(n, 0.01, np.float32), "sb"), _scalar("zb", 0, np.int8)]
-    if signed:
+    b = "b"
+    if form == "ql":
+        nodes += [mk("Reshape", ["sa_row", "flat"], ["sv"]), mk("Shape", ["sv"], ["svs"]), mk("Expand", ["za", "svs"], ["zv"]),
+                  mk("QuantizeLinear", ["a", "sv", "zv"], ["aq"], axis=0)]
+        inits += [_scalar("za", 128, np.uint8), numpy_helper.from_array(np.array([-1], np.int64), "flat")]
+    else:
+        nodes += [mk("Div", ["a", "sa_row"], ["ad"]), mk("Round", ["ad"], ["ar"])]
+    if form == "s8":
         nodes += [mk("Cast", ["ar"], ["aq"], to=I8), mk("Transpose", ["b"], ["bt"], perm=[1, 0])]
         inits.append(_scalar("za", 0, np.int8))
         b = "bt"
-    else:
+    elif form == "u8":
         nodes += [mk("Add", ["ar", "half"], ["ah"]), mk("Cast", ["ah"], ["aq"], to=U8)]
         inits += [_scalar("za", 128, np.uint8), _scalar("half", 128.0, np.float32)]
-        b = "b"
     nodes += [mk("MatMulIntegerToFloat", ["aq", b, "one", "sb", "za", "zb"], ["p"], domain=MS),
               mk("Mul", ["p", "sa_row"], ["y"])]
     return nodes, inits
