@@ -27,6 +27,9 @@ Variants (GOP/s counts 2 M K N per product):
                    as given (no Transpose)
   row chain ql     row chain u8 with one per-axis QuantizeLinear instead of Div, Round, Add, Cast
                    (the rewrite's current form, ``compute_int8._product``)
+  row chain pn     exact on every x86 kernel (no int16 pair can pass 2 * 127 * 127): A's integers
+                   split into uint8 p = max(a, 0) and n = max(-a, 0) (two QuantizeLinear, zero point
+                   0), two products, p @ B - n @ B; twice the int8 GEMM work (not exported)
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def variants(m: int, k: int, n: int, rng) -> dict:
                           [vi("a", F, [m, k]), vi("b", I8, [k, n])], "y", F,
                           [numpy_helper.from_array(np.full(n, 0.01, np.float32), "sb"), _scalar("zb", 0, np.int8)]),
                    {"a": a, "b": b8})
-    for form in ("s8", "u8", "ql"):
+    for form in ("s8", "u8", "ql", "pn"):
         nodes, inits = _row_chain(n, form)
         signed = form == "s8"
         feeds = {"a": a, "b": np.ascontiguousarray(b8.T) if signed else b8}
@@ -92,7 +95,8 @@ def variants(m: int, k: int, n: int, rng) -> dict:
 
 def _row_chain(n: int, form: str):
     """A (m, k) fp32 quantized per row, times B int8. ``form`` s8: int8 A, B read through a Transpose
-    of its (n, k) layout; u8: uint8 A (zero point 128) on B (k, n) as given; ql: u8 with QuantizeLinear."""
+    of its (n, k) layout; u8: uint8 A (zero point 128) on B (k, n) as given; ql: u8 with QuantizeLinear;
+    pn: A's positive and negative parts as two uint8 products (module docstring)."""
     mk = helper.make_node
     nodes = [mk("Abs", ["a"], ["abs"]), mk("ReduceMax", ["abs"], ["amax"], axes=[-1], keepdims=1),
              mk("Equal", ["amax", "zero"], ["isz"]), mk("Div", ["amax", "qmax"], ["s0"]),
@@ -100,6 +104,15 @@ def _row_chain(n: int, form: str):
     inits = [_scalar("zero", 0.0, np.float32), _scalar("one", 1.0, np.float32), _scalar("qmax", 127.0, np.float32),
              numpy_helper.from_array(np.full(n, 0.01, np.float32), "sb"), _scalar("zb", 0, np.int8)]
     b = "b"
+    if form == "pn":
+        nodes += [mk("Reshape", ["sa_row", "flat"], ["sv"]), mk("Shape", ["sv"], ["svs"]), mk("Expand", ["za", "svs"], ["zv"]),
+                  mk("QuantizeLinear", ["a", "sv", "zv"], ["ap"], axis=0), mk("Neg", ["a"], ["na"]),
+                  mk("QuantizeLinear", ["na", "sv", "zv"], ["an"], axis=0),
+                  mk("MatMulIntegerToFloat", ["ap", b, "one", "sb"], ["pp"], domain=MS),
+                  mk("MatMulIntegerToFloat", ["an", b, "one", "sb"], ["pm"], domain=MS),
+                  mk("Sub", ["pp", "pm"], ["p"]), mk("Mul", ["p", "sa_row"], ["y"])]
+        inits += [_scalar("za", 0, np.uint8), numpy_helper.from_array(np.array([-1], np.int64), "flat")]
+        return nodes, inits
     if form == "ql":
         nodes += [mk("Reshape", ["sa_row", "flat"], ["sv"]), mk("Shape", ["sv"], ["svs"]), mk("Expand", ["za", "svs"], ["zv"]),
                   mk("QuantizeLinear", ["a", "sv", "zv"], ["aq"], axis=0)]

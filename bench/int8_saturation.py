@@ -11,7 +11,9 @@ beyond +-32767 is clipped (ONNX Runtime's quantization docs call it the U8S8 sat
 This script runs one forward-backward of the bundle's portable graph on the bench's fixed random
 batch with the inputs of some int8 products as extra outputs, then recomputes those products in
 numpy both exactly and with int16-saturated pairs (k = 2i, 2i + 1), and prints, per product, the
-share of outputs a clipped pair touches and the error relative to the exact product. It measures
+share of outputs a clipped pair touches, the per-row quantization's own error (the int8 product
+against the same product with fp32 activations) and the error the clipping adds, both relative to
+the fp32-activation product (Frobenius norms; the weight is int8 in all three). It measures
 nothing on the CPU it runs on; it says what the clipping would cost where it happens.
 """
 
@@ -32,8 +34,9 @@ DEFAULT_MATCH = ["layers.5/self_attn/q_proj/base/MatMul/", "layers.5/mlp/gate_pr
                  "loss_chunk3/MatMul/", "loss_chunk3/MatMul_Grad"]
 
 
-def probe(folder: Path, match: list[str], batch_size: int, seq: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(node name, A uint8 (M, K), B int8 (K, N)) for every MatMulIntegerToFloat whose name contains a ``match``."""
+def probe(folder: Path, match: list[str], batch_size: int, seq: int) -> list[tuple]:
+    """(node name, A uint8 (M, K), B int8 (K, N), A fp32 (M, K), row scales (M,)) for every
+    MatMulIntegerToFloat whose name contains a ``match``."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -49,9 +52,18 @@ def probe(folder: Path, match: list[str], batch_size: int, seq: int) -> list[tup
     if not nodes:
         raise SystemExit(f"{path}: no MatMulIntegerToFloat node matches {match} (is it a --compute int8 bundle?)")
     initializers = {t.name for t in model.graph.initializer}
-    wanted = list(dict.fromkeys(t for n in nodes for t in n.input[:2]))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    quantize = {}  # product -> the per-axis QuantizeLinear (compute_int8._product): its fp32 rows and row scales
     for n in nodes:
-        for t, kind in ((n.input[0], TensorProto.UINT8), (n.input[1], TensorProto.INT8)):
+        q = producer[producer[n.input[0]].input[0]]  # Reshape (back to A's shape) <- QuantizeLinear
+        if q.op_type != "QuantizeLinear":
+            raise SystemExit(f"{n.name}: its input is not made by QuantizeLinear; re-export with the current edgetune")
+        quantize[n.name] = q
+    wanted = list(dict.fromkeys(t for n in nodes for t in (*n.input[:2], *quantize[n.name].input[:2])))
+    for n in nodes:
+        q = quantize[n.name]
+        for t, kind in ((n.input[0], TensorProto.UINT8), (n.input[1], TensorProto.INT8),
+                        (q.input[0], TensorProto.FLOAT), (q.input[1], TensorProto.FLOAT)):
             if t not in initializers and t not in {o.name for o in model.graph.output}:
                 model.graph.output.append(helper.make_tensor_value_info(t, kind, None))
     probe_path = path.with_name("int8_saturation_probe.onnx")  # beside the weights file it refers to
@@ -72,7 +84,8 @@ def probe(folder: Path, match: list[str], batch_size: int, seq: int) -> list[tup
     stored = [t for t in wanted if t in initializers]
     full = onnx.load(str(path)) if stored else None
     values.update({t.name: numpy_helper.to_array(t) for t in (full.graph.initializer if full else []) if t.name in stored})
-    return [(n.name, values[n.input[0]].reshape(-1, values[n.input[0]].shape[-1]), values[n.input[1]]) for n in nodes]
+    return [(n.name, values[n.input[0]].reshape(-1, values[n.input[0]].shape[-1]), values[n.input[1]],
+             values[quantize[n.name].input[0]], values[quantize[n.name].input[1]]) for n in nodes]
 
 
 def clipped_product(a: np.ndarray, b: np.ndarray, zero: int = 128, rows: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,13 +111,15 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--match", nargs="+", default=DEFAULT_MATCH, help="substrings of the product nodes' names")
     args = p.parse_args(argv)
-    print("| product | A (M, K) | B (K, N) | outputs touched | max abs error / max abs output | error, relative norm |")
+    print("| product | A (M, K) | B (K, N) | outputs touched | per-row int8 error | clipping adds |")
     print("|---|---|---|---|---|---|")
-    for name, a, b in probe(args.bundle, args.match, args.batch, args.seq):
+    for name, a, b, a_fp32, row_scale in probe(args.bundle, args.match, args.batch, args.seq):
         exact, clipped, touched = clipped_product(a, b)
-        err = np.abs(clipped - exact).astype(np.float64)
-        print(f"| {name} | {a.shape} | {b.shape} | {touched.mean():.2%} | {err.max() / np.abs(exact).max():.3f} "
-              f"| {np.linalg.norm(err) / np.linalg.norm(exact.astype(np.float64)):.2e} |", flush=True)
+        scale = row_scale.astype(np.float64)[:, None]
+        ref = a_fp32.astype(np.float64) @ b.astype(np.float64)  # exact activations, the same int8 weight
+        norm = np.linalg.norm(ref)
+        print(f"| {name} | {a.shape} | {b.shape} | {touched.mean():.2%} | {np.linalg.norm(exact * scale - ref) / norm:.2e} "
+              f"| {np.linalg.norm((clipped - exact) * scale) / norm:.2e} |", flush=True)
     return 0
 
 
