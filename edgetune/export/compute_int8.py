@@ -32,6 +32,8 @@ SmolLM2-135M, one step on 1,100 real tokens (``bench/int8_error.py``; README, Pe
                           the row's integers as uint8 + 128 with zero point 128 (same products):
                           ONNX Runtime's x86 int8 x int8 GEMM is portable C, its uint8 x int8 one
                           uses AVX2/AVX-512/VNNI (``bench/int8_kernels.py``: 17x at these shapes).
+                          Exact with VNNI and on ARM64; x86 without VNNI sums pairs of products in
+                          a saturating int16 and clips some (``bench/int8_saturation.py``, README).
   per tensor              ``DynamicQuantizeMatMul`` (com.microsoft): uint8 with a zero point, one
                           scale for the whole tensor. Loss +45 %, gradients 179 % off: a few
                           tokens with large activations leave the rest a handful of levels.
