@@ -94,6 +94,11 @@ def train(ctx, bundle, data, steps, epochs, batch_size, grad_accum, max_seq_len,
                         eval_data=eval_data if (eval_every or early_stop) else None, eval_every=eval_every,
                         early_stop=early_stop, packing=packing, group_by_length=group_by_length)
     bundle = Bundle.open(bundle)  # hashed once, shared by the evaluations before and after
+    from edgetune.runtime.cpu_features import int8_compute_warning
+
+    warning = int8_compute_warning(bundle.manifest.producer)
+    if warning:
+        click.echo(warning, err=True)
     if device is not None:  # before any data is read or a session built
         from edgetune.devices.fit import check_fits
         from edgetune.devices.profile import get_profile
