@@ -14,8 +14,8 @@ whole int4 base. Here every product with W is split along the vocabulary into S 
 
 Slice s + 1 is dequantized only after slice s's product exists (its ``Slice`` start is
 ``Min(start, GraphIndex.end_after(previous product))``), so one fp32 slice is alive at a time.
-The price is time: W is dequantized twice per loss chunk instead of once per step (16 chunks
-of a 1B model: 32 passes over 262 M int8 values). Forward values are the same dot products;
+The price is time: W is dequantized twice per loss chunk instead of once per step (the default
+8 chunks: 16 passes over a 1B model's 263 M int8 values). Forward values are the same dot products;
 the backward sums over the vocabulary in S pieces (float rounding, about 1e-7 relative).
 Hence ``auto`` slices only heads whose fp32 copy exceeds ``AUTO_FROM_BYTES``.
 """
