@@ -257,12 +257,13 @@ def test_export_device_picks_the_fastest_export_that_fits_and_says_why(tmp_path)
     from edgetune.methods import LoraConfig
 
     lora = LoraConfig()
+    unsliced = {"head_slices": 0}  # the head-slice choice has its own test below
     peaks = {(c.quantize, c.recompute, c.loss_chunks): c.prediction.peak_bytes
-             for c in candidates(SMOLLM2_CONFIG, lora, 8, 512, {})}
+             for c in candidates(SMOLLM2_CONFIG, lora, 8, 512, unsliced)}
     assert peaks[("int8", "full", 32)] < peaks[("int8", "cheap", 32)] < peaks[("int8", "none", 32)]
     between = (peaks[("int8", "full", 32)] + min(peaks[("int8", "cheap", 32)], peaks[("int8", "mlp", 32)])) // 2 // MB
     chosen, why = choose_export(SMOLLM2_CONFIG, lora, get_profile(str(write_profile(tmp_path, "mid", between))),
-                                8, 512, {})
+                                8, 512, unsliced)
     assert (chosen.quantize, chosen.recompute) == ("int8", "full") and "would not fit" in why
     roomy = get_profile(str(write_profile(tmp_path, "big", 60000)))
     chosen, why = choose_export(SMOLLM2_CONFIG, lora, roomy, 8, 512, {})
@@ -271,6 +272,22 @@ def test_export_device_picks_the_fastest_export_that_fits_and_says_why(tmp_path)
     assert (chosen.quantize, chosen.recompute) == ("none", "cheap")
     with pytest.raises(ExportError, match="no export of this model fits tiny"):
         choose_export(SMOLLM2_CONFIG, lora, get_profile(str(write_profile(tmp_path, "tiny", 100))), 8, 512, {})
+
+
+def test_export_device_slices_the_head_only_when_the_unsliced_export_does_not_fit(tmp_path):
+    from edgetune.devices.export_choice import candidates, choose_export
+    from edgetune.methods import LoraConfig
+
+    lora, fixed = LoraConfig(), {"quantize": "int8", "recompute": "cheap", "loss_chunks": 8}
+    peaks = {c.head_slices: c.prediction.peak_bytes for c in candidates(SMOLLM2_CONFIG, lora, 1, 128, fixed)}
+    assert set(peaks) == {0, 8} and peaks[8] < peaks[0]  # one 14 MB slice instead of the 113 MB head
+    tight = get_profile(str(write_profile(tmp_path, "tight", (peaks[0] + peaks[8]) // 2 // MB)))
+    chosen, why = choose_export(SMOLLM2_CONFIG, lora, tight, 1, 128, fixed)
+    assert chosen.head_slices == 8 and "--head-slices 8" in why
+    roomy = get_profile(str(write_profile(tmp_path, "roomy", 60000)))
+    assert choose_export(SMOLLM2_CONFIG, lora, roomy, 1, 128, fixed)[0].head_slices == 0  # slices cost time
+    no_quant = candidates(SMOLLM2_CONFIG, lora, 1, 128, {"quantize": "none", "recompute": "cheap", "loss_chunks": 8})
+    assert [c.head_slices for c in no_quant] == [0]  # an fp32 head has nothing to dequantize
 
 
 def test_the_plan_from_the_model_config_matches_the_plan_from_the_exported_manifest(export_tiny, tiny_model_dir):

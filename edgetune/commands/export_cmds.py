@@ -113,7 +113,7 @@ def _head_slices(ctx, param, value) -> int | None:
               help="sequence-classification: class names, comma-separated, in index order (default LABEL_0, LABEL_1, ...).")
 @click.option("--beta", type=float, default=None, help="dpo: KL strength towards the reference [default: 0.1].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("--device", default=None, help="Choose --quantize, --recompute and --loss-chunks (those not given) so "
+@click.option("--device", default=None, help="Choose --quantize, --recompute, --loss-chunks and --head-slices (those not given) so "
                                              "training fits this device profile (`edgetune devices list`).")
 @click.option("--plan-batch-size", type=click.IntRange(1), default=4, show_default=True,
               help="With --device: the batch size training there will use.")
@@ -137,10 +137,13 @@ def export(ctx, model, out, method, quantize, block_size, weight_decay, recomput
 
         profile = get_profile(device)
         given = {name: value for name, value in (("quantize", quantize), ("recompute", recompute),
-                                                 ("loss_chunks", loss_chunks))
+                                                 ("loss_chunks", loss_chunks), ("head_slices", head_slices))
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+        if given.get("head_slices", 0) is None:  # --head-slices auto given explicitly: the chooser's 0 or 8
+            del given["head_slices"]
         chosen, why = choose_export(model_config(model), config, profile, plan_batch_size, plan_seq_len, given)
         quantize, recompute, loss_chunks = chosen.quantize, chosen.recompute, chosen.loss_chunks
+        head_slices = chosen.head_slices
         click.echo(f"• for {profile.name}: {why}", err=True)
         if profile.ort_format_required and not ort_format:
             click.echo(f"• {profile.name} apps use minimal onnxruntime builds: adding --ort-format", err=True)

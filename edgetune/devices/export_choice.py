@@ -1,11 +1,12 @@
-"""``export --device``: the quantization, recompute policy and loss chunks that fit a device profile.
+"""``export --device``: the quantization, recompute policy, loss chunks and head slices that fit a device profile.
 
 Before anything is exported, the plan (``devices/plan.py``) is evaluated on inputs computed from the
 model's config (tensor shapes of a Llama-style decoder: embedding, per layer q/k/v/o and
 gate/up/down projections, norms) and the method config (LoRA: rank x (in + out) per target per
 layer), for every candidate export. Among the candidates predicted to fit at the planned batch
-size and length, the fastest (fewest FLOPs per step: least recompute) wins; ties go to int8 (a
-smaller bundle) and then fewer loss chunks.
+size and length, the fastest (fewest FLOPs per step: least recompute) wins; ties go to an unsliced
+LM head (slices cost time the FLOP count does not show: README, "Where the memory went"), then to
+int8 (a smaller bundle), then to fewer loss chunks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from edgetune.errors import ExportError
 QUANTIZE = ("int8", "none")
 RECOMPUTE = ("none", "mlp", "cheap", "full")  # least to most memory saved
 LOSS_CHUNKS = (8, 32)
+HEAD_SLICES = (0, 8)  # int8 bases: one shared fp32 head, or 8 vocabulary slices (export/memory_head.py)
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,11 @@ class Candidate:
     recompute: str
     loss_chunks: int
     prediction: Prediction
+    head_slices: int = 0
 
     def label(self) -> str:
-        return f"--quantize {self.quantize} --recompute {self.recompute} --loss-chunks {self.loss_chunks}"
+        return (f"--quantize {self.quantize} --recompute {self.recompute} --loss-chunks {self.loss_chunks} "
+                f"--head-slices {self.head_slices}")
 
 
 def _linear_shapes(m: ModelShape) -> dict[str, tuple[int, int]]:
@@ -38,7 +42,8 @@ def _linear_shapes(m: ModelShape) -> dict[str, tuple[int, int]]:
             "up_proj": (m.hidden, m.intermediate), "down_proj": (m.intermediate, m.hidden)}
 
 
-def inputs_from_config(config: dict, method_config, quantize: str, recompute: str, loss_chunks: int) -> PlanInputs:
+def inputs_from_config(config: dict, method_config, quantize: str, recompute: str, loss_chunks: int,
+                       head_slices: int = 0) -> PlanInputs:
     m = ModelShape.from_config(config)
     linear = _linear_shapes(m)
     projection = m.layers * sum(i * o for i, o in linear.values())
@@ -55,7 +60,8 @@ def inputs_from_config(config: dict, method_config, quantize: str, recompute: st
     else:  # another method: its tensors are small next to the base; count 1 % of the projections
         trainable = projection // 100
     return PlanInputs(shape=m, frozen_bytes=frozen, trainable=trainable, projection_params=projection,
-                      quantized=quantize != "none", recompute=recompute, loss_chunks=loss_chunks)
+                      quantized=quantize != "none", recompute=recompute, loss_chunks=loss_chunks,
+                      head_slices=head_slices if quantize != "none" else 0)
 
 
 def candidates(config: dict, method_config, batch: int, seq: int, fixed: dict) -> list[Candidate]:
@@ -64,7 +70,10 @@ def candidates(config: dict, method_config, batch: int, seq: int, fixed: dict) -
     for q in ([fixed["quantize"]] if "quantize" in fixed else QUANTIZE):
         for r in ([fixed["recompute"]] if "recompute" in fixed else RECOMPUTE):
             for c in ([fixed["loss_chunks"]] if "loss_chunks" in fixed else LOSS_CHUNKS):
-                out.append(Candidate(q, r, c, predict(inputs_from_config(config, method_config, q, r, c), batch, seq)))
+                slices = [fixed["head_slices"]] if "head_slices" in fixed else HEAD_SLICES if q != "none" else (0,)
+                for h in slices:
+                    out.append(Candidate(q, r, c, predict(inputs_from_config(config, method_config, q, r, c, h),
+                                                          batch, seq), h))
     return out
 
 
@@ -78,7 +87,7 @@ def choose_export(config: dict, method_config, profile, batch: int, seq: int, fi
             f"no export of this model fits {profile.name} ({profile.app_mb} MB for an app) at --batch-size {batch} "
             f"--max-seq-len {seq}: the smallest, {best.label()}, is predicted to need "
             f"{best.prediction.peak_bytes / MB:.0f} MB; plan a smaller --batch-size or --max-seq-len, or a smaller model.")
-    chosen = min(fits, key=lambda c: (c.prediction.flops, c.quantize != "int8", c.loss_chunks))
+    chosen = min(fits, key=lambda c: (c.prediction.flops, c.head_slices > 1, c.quantize != "int8", c.loss_chunks))
     left_out = sorted({c.recompute for c in all_ if c.prediction.flops < chosen.prediction.flops} - {chosen.recompute})
     why = (f"{chosen.label()}: predicted peak {chosen.prediction.peak_bytes / MB:.0f} MB of {profile.app_mb} MB on "
            f"{profile.name} at batch {batch} x {seq} tokens")
