@@ -106,7 +106,8 @@ def order_loss_chunks(graph: onnx.GraphProto, report, head_slices: int | None = 
 
 
 def _share_head_weight(g: GraphIndex, first_input: str, head_slices: int | None, report) -> None:
-    """One dequantized head weight for all chunk matmuls (forward and backward run back to back).
+    """One dequantized head weight for all chunk matmuls (forward and backward run back to back), or,
+    with ``head_slices``, every chunk product on vocabulary slices of it (``memory_head.py``).
 
     ``DQ -> Reshape(same shape) -> readers``: a DequantizeLinear with several readers would be
     split again by ORT's EnsureUniqueDQForNodeUnit (one copy per reader, all computed up front:
@@ -128,7 +129,8 @@ def _share_head_weight(g: GraphIndex, first_input: str, head_slices: int | None,
         slices = auto_slices(*dims) if head_slices is None and dims and len(dims) == 2 else (head_slices or 0)
         if slices > 1 and dims and sliceable(g, dq, readers):
             scale = dq.input[1]
-            while scale in g.producer and g.nodes[g.producer[scale]].name.endswith("/After"):  # the gate, not a value
+            while scale in g.producer and g.nodes[g.producer[scale]].op_type == "Slice" \
+                    and "/After" in g.nodes[g.producer[scale]].name:  # GraphIndex.after's gate: not a value
                 scale = g.nodes[g.producer[scale]].input[0]
             drop |= slice_products(g, dq, scale, readers, dims[0], min(slices, dims[0]))
             report.head_slices = min(slices, dims[0])
