@@ -46,8 +46,8 @@ def sliceable(g: GraphIndex, dq: onnx.NodeProto, readers: list[tuple[int, int]])
         return False
     for i, j in readers:
         n = g.nodes[i]
-        forward = n.op_type == "FusedMatMul" and j == 1 and int(attr(n, "transB", 0)) == 1 and not attr(n, "transA", 0) \
-            and not attr(n, "transBatchA", 0) and not attr(n, "transBatchB", 0)
+        forward = (n.op_type == "FusedMatMul" and j == 1 and int(attr(n, "transB", 0)) == 1
+                   and not attr(n, "transA", 0) and not attr(n, "transBatchA", 0) and not attr(n, "transBatchB", 0))
         backward = n.op_type == "Gemm" and j == 1 and len(n.input) == 2 and not attr(n, "transA", 0) \
             and not attr(n, "transB", 0)
         if not (forward or backward):
@@ -67,9 +67,9 @@ def slice_products(g: GraphIndex, dq: onnx.NodeProto, scale: str, readers: list[
     def c(values, name):
         return g.const(np.array(values, np.int64), f"memory.head_slice/{name}")
 
-    def weight(s: int, dependency: str, tag: str) -> str:
-        """DQ of rows edges[s]:edges[s+1], computed once ``dependency`` exists: (V_s, H) fp32."""
-        start = g.add("Min", [c([edges[s]], f"start{s}"), g.end_after(dependency, tag)], f"{tag}/Start")
+    def weight(s: int, start: str, tag: str) -> str:
+        """(V_s, H) fp32: DQ of rows edges[s]:edges[s+1]; ``start`` is edges[s], known only once the
+        previous product exists, so the slice is dequantized right before its own product."""
         end, axis = c([edges[s + 1]], f"end{s}"), c([0], "axis0")
         parts = [g.add("Slice", [t, start, end, axis], f"{tag}/{what}") for t, what in ((q, "Rows"), (scale, "Scales"))]
         if zero:
@@ -83,13 +83,12 @@ def slice_products(g: GraphIndex, dq: onnx.NodeProto, scale: str, readers: list[
         x, out = n.input[0], n.output[0]
         dependency, pieces = x, []
         for s in range(slices):
-            w = weight(s, dependency, f"{tag}{s}")
+            start = g.add("Min", [c([edges[s]], f"start{s}"), g.end_after(dependency, f"{tag}{s}")], f"{tag}{s}/Start")
+            w = weight(s, start, f"{tag}{s}")
             if n.op_type == "FusedMatMul":  # (rows, H) x (V_s, H)^T -> (rows, V_s)
                 piece = g.add("FusedMatMul", [x, w], f"{tag}{s}/FusedMatMul", domain=n.domain, **attrs)
             else:  # Gemm: (rows, V_s) x (V_s, H) -> (rows, H), this slice's share of dh
-                cols = g.add("Slice", [x, g.add("Min", [c([edges[s]], f"start{s}"), g.end_after(dependency, f"{tag}{s}")],
-                                                  f"{tag}{s}/ColStart"), c([edges[s + 1]], f"end{s}"), c([1], "axis1")],
-                             f"{tag}{s}/Columns")
+                cols = g.add("Slice", [x, start, c([edges[s + 1]], f"end{s}"), c([1], "axis1")], f"{tag}{s}/Columns")
                 piece = g.add("Gemm", [cols, w], f"{tag}{s}/Gemm", **attrs)
                 if pieces:  # running sum: one (rows, H) partial alive, not S of them
                     piece = g.add("Add", [pieces[-1], piece], f"{tag}{s}/Sum")
