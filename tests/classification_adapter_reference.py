@@ -103,14 +103,9 @@ def reference_adapter_step(model, params: dict, batch: dict[str, np.ndarray], lr
                            gradients: dict | None = None):
     """One AdamW step on ``batch``: (loss, {peft key: updated tensor}); ``gradients`` (a dict) receives
     the step's gradients by peft key."""
-    import torch
+    from tests.classification_reference import adamw_backward
 
-    opt = torch.optim.AdamW(list(params.values()), lr=lr, betas=tuple(optimizer["betas"]), eps=optimizer["eps"],
-                            weight_decay=optimizer["weight_decay"])
-    model.train()
-    logits = model(torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"]))
-    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(batch["labels"]))
-    loss.backward()
+    opt, loss = adamw_backward(model, list(params.values()), batch, lr, optimizer)
     if gradients is not None:
         gradients.update({k: p.grad.detach().numpy().copy() for k, p in params.items()})
     opt.step()

