@@ -30,14 +30,10 @@ SIMD_FLAGS = {
 
 
 def cpu_flags() -> set[str]:
-    """The first CPU's feature flags from /proc/cpuinfo (empty off Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":")[0].strip() in ("flags", "Features"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The first CPU's feature flags from /proc/cpuinfo (empty off Linux): edgetune's own reader."""
+    from edgetune.runtime.cpu_features import cpu_flags as read_flags
+
+    return read_flags() or set()
 
 
 def simd_features(flags: set[str] | None = None) -> list[str]:

@@ -25,3 +25,6 @@ def test_cpu_flags_reads_the_flags_line(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n")
     assert cpu_flags(info) == {"fpu", "avx2", "avx512_vnni"}
     assert cpu_flags(tmp_path / "missing") is None
+    arm = tmp_path / "cpuinfo-arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\n")
+    assert cpu_flags(arm) == {"fp", "asimd", "asimddp", "i8mm"}

@@ -17,10 +17,11 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
-    """The CPU's feature flags on Linux (``flags`` line of /proc/cpuinfo); None where unknown."""
+    """The first CPU's feature flags on Linux (x86 ``flags``, ARM ``Features`` line of /proc/cpuinfo);
+    None where unknown (another OS, no such line). The bench reads its SIMD report from here too."""
     try:
         for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
+            if line.partition(":")[0].strip() in ("flags", "Features"):
                 return set(line.partition(":")[2].split())
     except OSError:
         return None
