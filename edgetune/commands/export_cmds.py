@@ -141,8 +141,14 @@ def export(ctx, model, out, method, quantize, block_size, weight_decay, recomput
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
         if given.get("head_slices", 0) is None:  # --head-slices auto given explicitly: the chooser's 0 or 8
             del given["head_slices"]
-        if compute == "int8" or task != "causal-lm" or no_memory_rewrites or given.get("loss_chunks", 8) < 2:
-            given.setdefault("head_slices", 0)  # no chunked fp32-compute LM head to slice (ExportOptions)
+        from types import SimpleNamespace
+
+        from edgetune.export.exporter import head_slices_obstacle
+
+        planned = SimpleNamespace(compute=compute, quantize=given.get("quantize", "int8"), task=task,
+                                  memory_rewrites=not no_memory_rewrites, loss_chunks=given.get("loss_chunks", 8))
+        if head_slices_obstacle(planned):  # no chunked fp32-compute int8 head: do not offer slices
+            given.setdefault("head_slices", 0)
         chosen, why = choose_export(model_config(model), config, profile, plan_batch_size, plan_seq_len, given)
         quantize, recompute, loss_chunks = chosen.quantize, chosen.recompute, chosen.loss_chunks
         head_slices = chosen.head_slices

@@ -45,6 +45,18 @@ def training_graph_inputs(names) -> list[GraphInput]:
     return [GraphInput(name, "int64", ["batch", "sequence"]) for name in names]
 
 
+def head_slices_obstacle(opts) -> str | None:
+    """Why these export options leave no chunked, fp32-compute int8 LM head for ``--head-slices``
+    (export/memory_head.py) to slice; None when there is one. ``opts``: ExportOptions' fields (quantize,
+    task, memory_rewrites, loss_chunks, compute); ``export --device`` asks before choosing slices."""
+    if opts.compute == "int8":
+        return "--compute int8 multiplies the LM head whole (int8, no fp32 copy); --head-slices applies to fp32 compute only"
+    return ("--quantize none keeps the head in fp32 (nothing to dequantize)" if opts.quantize == "none" else
+            f"--task {opts.task} computes its head in one piece" if opts.task != "causal-lm" else
+            "--no-memory-rewrites leaves the loss unchunked" if not opts.memory_rewrites else
+            "--loss-chunks 1 leaves the loss unchunked" if opts.loss_chunks < 2 else None)
+
+
 @dataclass
 class ExportOptions:
     source: str | None  # HF folder, .gguf file, or built-in name (None = default model)
@@ -100,17 +112,11 @@ class ExportOptions:
                               "combined with --no-memory-rewrites; drop one of the two.")
         if self.head_slices is not None and not 0 <= self.head_slices <= 4096:
             raise ExportError(f"--head-slices must be auto or between 0 and 4096, got {self.head_slices}.")
-        if self.head_slices and self.head_slices > 1:
-            why = ("--quantize none keeps the head in fp32 (nothing to dequantize)" if self.quantize == "none" else
-                   f"--task {self.task} computes its head in one piece" if self.task != "causal-lm" else
-                   "--no-memory-rewrites leaves the loss unchunked" if not self.memory_rewrites else
-                   "--loss-chunks 1 leaves the loss unchunked" if self.loss_chunks < 2 else None)
-            if why:
-                raise ExportError(f"--head-slices {self.head_slices} splits the int8 LM head of the chunked causal-LM "
-                                  f"loss, but {why}; drop --head-slices.")
         if self.compute == "int8" and self.head_slices:
-            raise ExportError("--compute int8 multiplies the LM head whole (int8, no fp32 copy); --head-slices "
-                              "applies to fp32 compute only: drop --head-slices or use --compute fp32.")
+            raise ExportError(f"{head_slices_obstacle(self)}: drop --head-slices or use --compute fp32.")
+        if self.head_slices and self.head_slices > 1 and head_slices_obstacle(self):
+            raise ExportError(f"--head-slices {self.head_slices} splits the int8 LM head of the chunked causal-LM "
+                              f"loss, but {head_slices_obstacle(self)}; drop --head-slices.")
         if self.task not in TASKS:
             raise ExportError(f"unsupported task {self.task!r}; choose one of: {', '.join(TASKS)}.")
         if self.beta is not None and self.task != "dpo":
