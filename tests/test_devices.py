@@ -119,6 +119,19 @@ def test_plan_grows_with_batch_and_length_and_follows_the_memory_plan(export_tin
     assert stored_activations(m, "full", 2, 64) == (2 * m.layers + 1) * 2 * 64 * m.hidden * 4
 
 
+@pytest.mark.parametrize("field, value", [("head_slices", "many"), ("loss_chunks", -3), ("recompute", "some")])
+def test_plan_refuses_a_malformed_memory_plan_in_the_manifest(tiny_bundle, tmp_path, field, value):
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = json.loads((bundle / "edgetune.json").read_text())
+    manifest["producer"]["memory"][field] = value
+    (bundle / "edgetune.json").write_text(json.dumps(manifest))
+    code, _, err, _ = edgetune("plan", bundle, "--device", "laptop-16gb")
+    assert code == 2 and "Traceback" not in err and field in err and "re-export" in err, err
+
+
 def test_plan_command_prints_the_largest_fitting_configuration(tiny_bundle, tmp_path):
     from edgetune.bundle import Bundle
     from edgetune.devices.plan import predict

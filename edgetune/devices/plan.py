@@ -51,6 +51,7 @@ import math
 from dataclasses import dataclass
 
 from edgetune.bundle import Manifest
+from edgetune.errors import BundleError
 
 MB = 1024 * 1024
 FP32 = 4
@@ -136,14 +137,31 @@ class PlanInputs:
                 frozen += n * 1 + t.shape[0] * FP32  # int8 values + one fp32 scale per output row
             else:
                 frozen += n * FP32
-        memory = manifest.producer.get("memory") or {}
+        memory = _memory_plan(manifest.producer.get("memory") or {})
         return cls(shape=ModelShape.from_manifest(manifest), frozen_bytes=frozen,
                    trainable=sum(math.prod(t.shape) for t in manifest.trainable),
                    projection_params=sum(math.prod(t.shape) for t in manifest.frozen
                                          if len(t.shape) == 2 and ".layers." in t.graph_name),
                    quantized=manifest.quantization != "none", recompute=memory.get("recompute", "none"),
-                   loss_chunks=max(1, int(memory.get("loss_chunks") or 1)),
-                   head_slices=int(memory.get("head_slices") or 0))
+                   loss_chunks=max(1, memory.get("loss_chunks") or 1),
+                   head_slices=memory.get("head_slices") or 0)
+
+
+def _memory_plan(memory) -> dict:
+    """The manifest's ``producer.memory``, checked where the plan reads it: the manifest is input."""
+    problems = []
+    if not isinstance(memory, dict):
+        raise BundleError(f"the bundle manifest's producer.memory must be an object, got {type(memory).__name__}; "
+                          "re-export the bundle.")
+    if memory.get("recompute", "none") not in ("full", "cheap", "mlp", "none"):
+        problems.append(f"recompute {memory['recompute']!r} (full, cheap, mlp or none)")
+    for key in ("loss_chunks", "head_slices"):
+        value = memory.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 4096):
+            problems.append(f"{key} {value!r} (a whole number from 0 to 4096)")
+    if problems:
+        raise BundleError(f"the bundle manifest's memory plan is malformed: {'; '.join(problems)}; re-export the bundle.")
+    return memory
 
 
 def _layer_activations(m: ModelShape, batch: int, seq: int) -> int:
